@@ -1,0 +1,1 @@
+"""func_adl queries of agc-sx."""
