@@ -65,3 +65,9 @@ BTAG_VARIATIONS: Final = tuple(
 )
 JET_VARIATIONS: Final = ("nominal", "pt_scale_up", "pt_res_up")
 WJETS_SCALE_VARIATIONS: Final = ("scale_var_up", "scale_var_down")
+
+# --- particle properties (PDG; the event generator and the top reconstruction use them) -----------------------
+TOP_MASS: Final = 172.5  # GeV
+TOP_WIDTH: Final = 1.41
+W_MASS: Final = 80.4
+W_WIDTH: Final = 2.085

@@ -1,0 +1,124 @@
+"""``agc-sx deliver``: skim the catalogue's samples into ``outputs_databinder/`` (ServiceX or local)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..catalogue import CatalogError, load_catalog
+from ..delivery.common import DeliveryError
+from ..manifest import ManifestError
+from ..query import QueryError
+from ._group import fail, main, user_errors
+
+#: Options that only mean something to the ServiceX backend: (parameter name, flag, default).
+_SERVICEX_ONLY = (
+    ("servicex_config", "--servicex-config", None),
+    ("endpoint", "--endpoint", None),
+    ("ignore_cache", "--ignore-cache", False),
+    ("dataset_type", "--dataset-type", "filelist"),
+    ("config", "--config", None),
+)
+
+
+@main.command("deliver")
+@click.option("--backend", type=click.Choice(["servicex", "local"]), default="servicex", show_default=True,
+              help="Run the skim on a ServiceX server, or here through the same func-adl-uproot code path.")
+@click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Sample catalogue [default: the bundled ntuples.json].")
+@click.option("--n-files", type=click.IntRange(min=1), default=None,
+              help="Only the first N files of each sample (normalisation follows).")
+@click.option("--samples", "samples", metavar="S1,S2", default=None,
+              help="Comma-separated samples: process__variation or a bare process [default: all].")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs_databinder"),
+              show_default=True, help="Delivery folder: DIR/<process>__<variation>/*.parquet and DIR/manifest.json.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local backend: files processed in parallel (worker processes).")
+@click.option("--force", is_flag=True, help="Redo every output, even those already delivered with this query.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--show-query", is_flag=True, help="Print the qastle text that would be sent, and exit.")
+@click.option("--servicex-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ServiceX: servicex.yaml to use instead of the client's usual search.")
+@click.option("--endpoint", metavar="NAME", default=None,
+              help="ServiceX: endpoint name from the configuration [default: its default endpoint].")
+@click.option("--ignore-cache", is_flag=True, help="ServiceX: do not reuse the client's cached transforms.")
+@click.option("--dataset-type", type=click.Choice(["filelist", "rucio", "cernopendata"]), default="filelist",
+              show_default=True, help="ServiceX: how catalogue paths are handed to the server.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="ServiceX: a servicex-databinder style YAML (General/Sample) instead of the catalogue.")
+@user_errors(CatalogError, DeliveryError, ManifestError, QueryError)
+def deliver(
+    backend: str,
+    catalog_path: Path | None,
+    n_files: int | None,
+    samples: str | None,
+    output_dir: Path,
+    workers: int,
+    force: bool,
+    quiet: bool,
+    show_query: bool,
+    **servicex_options: Any,
+) -> None:
+    """Skim the samples (one lepton, >= 4 jets, >= 1 b-tag; pruned columns) into one parquet per input file.
+
+    Re-running skips outputs already delivered with the same query and redoes missing or damaged ones. Exits
+    non-zero, with one line per failed input, when any sample is incomplete.
+    """
+    if show_query:
+        from ..query import query_text
+
+        click.echo(query_text())
+        return
+    if backend == "local":
+        given = [flag for name, flag, default in _SERVICEX_ONLY if servicex_options[name] != default]
+        if given:
+            fail(f"{', '.join(given)}: only for --backend servicex")
+    elif workers != 1:
+        fail("--workers only applies to --backend local (ServiceX runs the files in parallel on the server)")
+
+    config: Path | None = servicex_options.pop("config")
+    if config is not None:
+        if catalog_path is not None or n_files is not None or samples is not None:
+            fail("--config describes its own samples; do not combine it with --catalog, --n-files or --samples")
+        backend_module = _servicex_backend()
+        report = backend_module.deliver_from_config(
+            config, servicex_config=servicex_options["servicex_config"], force=force, quiet=quiet
+        )
+        _finish(report)
+        return
+
+    names = [n.strip() for n in samples.split(",") if n.strip()] if samples else None
+    catalog = load_catalog(catalog_path).select(names, n_files)
+    if backend == "local":
+        from ..delivery.local import deliver_local
+
+        report = deliver_local(catalog, output_dir, workers=workers, force=force, quiet=quiet)
+    else:
+        report = _servicex_backend().deliver_servicex(catalog, output_dir, force=force, quiet=quiet,
+                                                      **servicex_options)
+    _finish(report)
+
+
+def _servicex_backend() -> Any:
+    """Import the ServiceX backend lazily: the local backend must work without touching the client."""
+    try:
+        from ..delivery import servicex_backend
+    except ImportError as err:
+        fail(f"the ServiceX backend is not available ({err}); use --backend local")
+    return servicex_backend
+
+
+def _finish(report: Any) -> None:
+    """Summary line when everything is delivered; otherwise one line per failed input and exit code 1."""
+    failures: list[str] = list(getattr(report, "failures", None) or getattr(report, "lines", None) or [])
+    summary = report.summary() if hasattr(report, "summary") else None
+    if report.ok:
+        click.echo(summary or "delivery complete")
+        return
+    for line in failures or ["delivery incomplete"]:
+        click.echo(f"agc-sx: failed: {line}", err=True)
+    if summary:
+        click.echo(summary, err=True)
+    raise SystemExit(1)

@@ -1,0 +1,480 @@
+"""The coffea processor of the AGC v2 ttbar analysis and ``run_processor`` (``agc-sx process``).
+
+Physics lives in :func:`analyse_events`, which takes any events array with ``run``, ``luminosityBlock``,
+``event`` and ``Jet`` / ``Electron`` / ``Muon`` collections, so direct NanoAOD processing and streaming can call
+it unchanged. :class:`AGCProcessor` wraps it for coffea's ``Runner`` and returns one result per chunk, keyed by
+(sample, file, entry range); :func:`merge_chunks` adds those in sorted key order. With the exact histogram sums
+of :mod:`agc_sx.histograms` the result is bit-identical whatever the executor, worker count, chunking or
+completion order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import awkward as ak
+import hist
+import numpy as np
+from coffea import processor
+
+from . import __version__
+from .constants import LUMI_PB, REGIONS, TTBAR_ALTERNATIVES
+from .histograms import ExactHist, build_output, write_root
+from .manifest import Manifest, ManifestError, SampleRecord, contained
+from .schema import AGCSkimSchema, SchemaError, check_parquet_schema, needed_columns
+from .selection import (
+    Collection,
+    btag_mask,
+    jet_mask_fixed,
+    observable,
+    select_events,
+    select_leptons,
+    selected_jets,
+    single_lepton,
+)
+from .systematics import btag_weight_factors, jet_pt_variations, scale_var_factors
+from .utils import atomic_write_text
+
+EXECUTORS = ("iterative", "futures", "dask")
+METRICS_NAME = "metrics.json"
+ML_OUTPUT_NAME = "histograms_ml.root"
+
+HistKey = tuple[str, str, str]  # (region or ML feature, process, variation)
+
+
+class ProcessError(ValueError):
+    """Input the processor refuses (incomplete sample, bad column, checksum mismatch, bad option)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# physics on one chunk
+
+
+@dataclass
+class ChunkResult:
+    """Exact histograms and counters of one chunk (or of a merge of chunks)."""
+
+    hists: dict[HistKey, ExactHist] = field(default_factory=dict)
+    ml_hists: dict[HistKey, ExactHist] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)  # per sample
+    region_events: dict[str, dict[str, int]] = field(default_factory=dict)  # sample -> region -> events
+    cpu_seconds: float = 0.0
+    chunks: int = 0
+
+    def __iadd__(self, other: ChunkResult) -> ChunkResult:
+        for mine, theirs in ((self.hists, other.hists), (self.ml_hists, other.ml_hists)):
+            for key, h in theirs.items():
+                if key in mine:
+                    mine[key] += h
+                else:
+                    mine[key] = h + ExactHist(h.bins, h.lo, h.hi)
+        for sample, n in other.events.items():
+            self.events[sample] = self.events.get(sample, 0) + n
+        for sample, regions in other.region_events.items():
+            mine_r = self.region_events.setdefault(sample, {})
+            for region, n in regions.items():
+                mine_r[region] = mine_r.get(region, 0) + n
+        self.cpu_seconds += other.cpu_seconds
+        self.chunks += other.chunks
+        return self
+
+
+@dataclass
+class MLConfig:
+    """What the BDT hook needs: the loaded models and the xgboost thread count."""
+
+    models: Any  # agc_sx.ml.BDTModels
+    nthread: int = 1
+
+
+def _fill(store: dict[HistKey, ExactHist], key: HistKey, values: np.ndarray, weights: np.ndarray | float,
+          binning: tuple[int, float, float] | None = None) -> None:
+    if key not in store:
+        store[key] = ExactHist(*binning) if binning else ExactHist()
+    store[key].fill(values, weights)
+
+
+def analyse_events(events: Any, process: str, variation: str, weight: float, *,
+                   ml: MLConfig | None = None, sample: str | None = None) -> ChunkResult:
+    """Select, reconstruct and histogram one chunk of events of one sample (``process``, ``variation``).
+
+    ``weight`` is the per-event normalisation ``xsec * lumi / nevts_total``. For ``nominal`` samples the jet
+    variations (``pt_scale_up``, ``pt_res_up``) and the weight variations are filled too; other samples (the
+    ttbar alternatives) are filled once, under their variation name.
+    """
+    t0 = time.thread_time()
+    sample = sample or f"{process}__{variation}"
+    jet_fields = ("pt", "eta", "phi", "mass", "btagCSVV2", "jetId") + (("qgl",) if ml else ())
+    lep_p4 = ("phi", "mass") if ml else ()
+    jets = Collection.from_awkward(events.Jet, jet_fields)
+    electrons = Collection.from_awkward(events.Electron, ("pt", "eta", "cutBased", "sip3d", *lep_p4))
+    muons = Collection.from_awkward(events.Muon, ("pt", "eta", "tightId", "sip3d", "pfRelIso04_all", *lep_p4))
+    run = np.asarray(events.run)
+    lumi = np.asarray(events.luminosityBlock)
+    event_number = np.asarray(events.event)
+
+    leptons = select_leptons(electrons, muons)
+    fixed, tagged = jet_mask_fixed(jets), btag_mask(jets)
+    if variation == "nominal":
+        pts = jet_pt_variations(jets["pt"], run, lumi, event_number, jets.offsets)
+    else:
+        pts = {"nominal": jets["pt"]}
+
+    out = ChunkResult(events={sample: len(run)}, chunks=1)
+    feature_bins = None
+    if ml is not None:
+        from .ml import FEATURES
+
+        feature_bins = FEATURES
+    for jet_variation, pt in pts.items():
+        sel = select_events(jets, pt, leptons.one_lepton, fixed_mask=fixed, tagged=tagged)
+        name = variation if jet_variation == "nominal" else jet_variation
+        for region in REGIONS:
+            in_region = sel.in_region(region)
+            obs = observable(sel, region)
+            weights: dict[str, np.ndarray | float] = {name: weight}
+            if jet_variation == "nominal":
+                out.region_events.setdefault(sample, {})[region] = int(in_region.sum())
+                if variation == "nominal":
+                    for wname, factor in btag_weight_factors(sel.lead_pt[in_region]).items():
+                        weights[wname] = weight * factor
+                    if process == "wjets":
+                        for wname, f in scale_var_factors().items():
+                            weights[wname] = weight * f
+            for wname, w in weights.items():
+                _fill(out.hists, (region, process, wname), obs, w)
+            if ml is not None and feature_bins is not None and region == "4j2b" and len(obs):
+                from .ml import best_permutation_features
+
+                features = best_permutation_features(
+                    selected_jets(jets, pt, sel, in_region), single_lepton(electrons, muons, leptons, in_region),
+                    event_number[in_region], ml.models, nthread=ml.nthread,
+                )
+                for i, (feature, bins, lo, hi) in enumerate(feature_bins):
+                    for wname, w in weights.items():
+                        _fill(out.ml_hists, (feature, process, wname), features[:, i], w, (bins, lo, hi))
+    out.cpu_seconds = time.thread_time() - t0
+    return out
+
+
+class AGCProcessor(processor.ProcessorABC):  # type: ignore[misc]
+    """coffea processor: one :class:`ChunkResult` per chunk, keyed so that merging order is canonical.
+
+    ``samples`` maps the fileset name (``process__variation``) to (process, variation, weight). The BDT models
+    are loaded lazily in each worker (boosters are not shipped with the processor).
+    """
+
+    def __init__(self, samples: Mapping[str, tuple[str, str, float]], *, ml: bool = False,
+                 models_dir: Path | None = None, nthread: int = 1) -> None:
+        self.samples = dict(samples)
+        self.ml = ml
+        self.models_dir = models_dir
+        self.nthread = nthread
+        self._ml_config: MLConfig | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_ml_config"] = None
+        return state
+
+    def ml_config(self) -> MLConfig | None:
+        if not self.ml:
+            return None
+        if self._ml_config is None:
+            self._ml_config = MLConfig(_load_models(_models_dir(self.models_dir).resolve()), self.nthread)
+        return self._ml_config
+
+    def process(self, events: Any) -> dict[tuple[str, str, int], ChunkResult]:
+        meta = events.metadata
+        process_name, variation, weight = self.samples[meta["dataset"]]
+        result = analyse_events(events, process_name, variation, weight, ml=self.ml_config(),
+                                sample=meta["dataset"])
+        return {(meta["dataset"], meta["filename"], int(meta["entrystart"])): result}
+
+    def postprocess(self, accumulator: Any) -> Any:
+        return accumulator
+
+
+_MODELS_LOCK = threading.Lock()
+
+
+@functools.cache
+def _load_models_cached(directory: Path) -> Any:
+    from .ml import BDTModels
+
+    return BDTModels.load(directory)
+
+
+def _load_models(directory: Path) -> Any:
+    """BDT models, loaded once per worker process (coffea ships a fresh copy of the processor per chunk)."""
+    with _MODELS_LOCK:
+        return _load_models_cached(directory)
+
+
+def merge_chunks(chunks: Mapping[tuple[str, str, int], ChunkResult]) -> ChunkResult:
+    """Add per-chunk results in sorted key order (exact sums make the order irrelevant for the numbers,
+    the fixed order keeps dict ordering and everything else reproducible too)."""
+    total = ChunkResult()
+    for key in sorted(chunks):
+        total += chunks[key]
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# driver
+
+
+@dataclass
+class RunResult:
+    """What ``run_processor`` produced: the written histograms, the metrics and the output paths."""
+
+    histograms: dict[str, hist.Hist]
+    ml_histograms: dict[str, hist.Hist]
+    metrics: dict[str, Any]
+    output: Path
+    ml_output: Path | None
+    metrics_path: Path
+
+
+def _models_dir(models_dir: Path | None) -> Path:
+    if models_dir is not None:
+        return Path(models_dir)
+    from .resources import default_models_dir
+
+    return default_models_dir()
+
+
+def sample_weight(record: SampleRecord) -> float:
+    """Per-event normalisation ``xsec * lumi / nevts_total`` (AGC order of operations)."""
+    if record.nevts_total <= 0:
+        raise ProcessError(f"sample {record.name} has no delivered input events to normalise to")
+    return record.xsec * LUMI_PB / record.nevts_total
+
+
+def _parquet_column_bytes(path: Path, columns: list[str]) -> int:
+    """Compressed bytes of ``columns`` in a parquet file: what reading them costs."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    wanted = set(columns)
+    total = 0
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        for c in range(group.num_columns):
+            col = group.column(c)
+            if col.path_in_schema.split(".")[0] in wanted:
+                total += col.total_compressed_size
+    return total
+
+
+@dataclass
+class _Plan:
+    fileset: dict[str, dict[str, Any]]
+    samples: dict[str, tuple[str, str, float]]
+    max_rows: int
+    rows: dict[str, int]
+    bytes_read: int
+    files: int
+
+
+def plan_inputs(manifest: Manifest, *, allow_incomplete: bool, columns: list[str]) -> _Plan:
+    """Check every sample and file of a delivery and build the coffea fileset; refuse anything unusable."""
+    if not manifest.samples:
+        raise ProcessError(f"{manifest.path} lists no samples")
+    fileset: dict[str, dict[str, Any]] = {}
+    samples: dict[str, tuple[str, str, float]] = {}
+    rows: dict[str, int] = {}
+    max_rows = 0
+    bytes_read = 0
+    n_files = 0
+    for name in sorted(manifest.samples):
+        record = manifest.samples[name]
+        if record.status != "complete":
+            if not allow_incomplete:
+                raise ProcessError(
+                    f"sample {record.name} is {record.status} ({len(record.outputs)} of {len(record.inputs)} "
+                    "files delivered); finish the delivery or pass --allow-incomplete"
+                )
+            if not record.outputs:
+                continue
+        files = []
+        for out in sorted(record.outputs, key=lambda o: o.file):
+            problem = out.verify(manifest.base)
+            if problem is not None:
+                raise ProcessError(f"sample {record.name}: {problem}")
+            path = contained(manifest.base, out.file)
+            check_parquet_schema(path, columns)
+            if out.rows > 0:
+                files.append(str(path))
+                max_rows = max(max_rows, out.rows)
+                bytes_read += _parquet_column_bytes(path, columns)
+        samples[record.name] = (record.process, record.variation, sample_weight(record))
+        rows[record.name] = record.rows
+        n_files += len(files)
+        if files:
+            fileset[record.name] = {"files": files, "treename": "events"}
+    return _Plan(fileset, samples, max_rows, rows, bytes_read, n_files)
+
+
+def _executor(executor: str, workers: int, scheduler: str | None, quiet: bool) -> tuple[Any, Any]:
+    """The coffea executor and, for dask, the client to close afterwards."""
+    if executor == "iterative":
+        return processor.IterativeExecutor(status=not quiet), None
+    if executor == "futures":
+        return processor.FuturesExecutor(workers=workers, status=not quiet), None
+    if executor == "dask":
+        from distributed import Client, LocalCluster
+
+        if scheduler:
+            client = Client(scheduler)
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
+            client = Client(cluster)
+        return processor.DaskExecutor(client=client, status=not quiet, retries=0), client
+    raise ProcessError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
+
+
+def _versions() -> dict[str, str]:
+    import coffea
+    import numba
+    import uproot
+
+    return {"agc-sx": __version__, "python": platform.python_version(), "coffea": coffea.__version__,
+            "awkward": ak.__version__, "uproot": uproot.__version__, "numpy": np.__version__,
+            "numba": numba.__version__, "hist": hist.__version__}
+
+
+def _finalise(store: Mapping[HistKey, ExactHist], groups: Any, label: str) -> dict[str, hist.Hist]:
+    return build_output({k: h.to_hist(label) for k, h in store.items()}, groups)
+
+
+def run_processor(
+    input_dir: Path,
+    *,
+    output: Path = Path("histograms.root"),
+    executor: str = "iterative",
+    workers: int = 1,
+    scheduler: str | None = None,
+    chunksize: int | None = None,
+    allow_incomplete: bool = False,
+    ml: bool = True,
+    models_dir: Path | None = None,
+    quiet: bool = False,
+) -> RunResult:
+    """Process a delivery folder into ``output`` (histograms.root), ``histograms_ml.root`` and metrics.json.
+
+    Every check (manifest, sample status, checksums, column types, BDT models) runs before any processing, so
+    a refused input never leaves a histograms file behind; outputs are written atomically at the very end.
+    """
+    if executor not in EXECUTORS:
+        raise ProcessError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
+    if workers < 1:
+        raise ProcessError("--workers must be at least 1")
+    if chunksize is not None and chunksize < 1:
+        raise ProcessError("--chunksize must be at least 1")
+    if scheduler and executor != "dask":
+        raise ProcessError("--scheduler only applies to --executor dask")
+    output = Path(output)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    manifest = Manifest.load(input_dir)
+    columns = needed_columns(ml)
+    plan = plan_inputs(manifest, allow_incomplete=allow_incomplete, columns=columns)
+    nthread = workers if executor == "iterative" else 1
+    proc = AGCProcessor(plan.samples, ml=ml, models_dir=models_dir, nthread=nthread)
+    if ml:
+        from .ml import ModelError
+
+        try:
+            proc.ml_config()  # fail early (and once) on missing or broken models
+        except (ModelError, FileNotFoundError) as err:
+            raise ProcessError(str(err)) from None
+
+    chunks: dict[tuple[str, str, int], ChunkResult] = {}
+    if plan.fileset:
+        exe, client = _executor(executor, workers, scheduler, quiet)
+        try:
+            runner = processor.Runner(executor=exe, pre_executor=processor.IterativeExecutor(status=False),
+                                      schema=AGCSkimSchema, format="parquet",
+                                      chunksize=chunksize or max(plan.max_rows, 1), savemetrics=False)
+            # coffea 2026.9 shows its rich progress bars even with status=False: silence them for --quiet
+            with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+                chunks = runner(plan.fileset, proc, treename="events")
+        finally:
+            if client is not None:
+                cluster = getattr(client, "cluster", None)
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+    total = merge_chunks(chunks)
+    histograms = _finalise(total.hists, REGIONS, "observable [GeV]")
+    ml_histograms: dict[str, hist.Hist] = {}
+    if ml:
+        from .ml import FEATURE_NAMES
+
+        ml_histograms = _finalise(total.ml_hists, FEATURE_NAMES, "feature")
+
+    wall = time.perf_counter() - wall0
+    n_events = sum(total.events.values())
+    metrics_path = output.parent / METRICS_NAME
+    ml_output = output.parent / ML_OUTPUT_NAME if ml else None
+    metrics = {
+        "input": str(Path(input_dir).resolve()),
+        "output": str(output),
+        "ml_output": str(ml_output) if ml_output else None,
+        "executor": executor,
+        "workers": workers,
+        "scheduler": scheduler,
+        "chunksize": chunksize or max(plan.max_rows, 1),
+        "chunks": total.chunks,
+        "files": plan.files,
+        "events_read": n_events,
+        "events_per_sample": dict(sorted(total.events.items())),
+        "events_per_region": {
+            region: sum(r.get(region, 0) for r in total.region_events.values()) for region in REGIONS
+        },
+        "events_per_sample_region": dict(sorted(total.region_events.items())),
+        "bytes_read": plan.bytes_read,
+        "columns": columns,
+        "wall_seconds": wall,
+        "cpu_seconds_processing": total.cpu_seconds,
+        "cpu_seconds_driver": time.process_time() - cpu0,
+        "event_rate_hz": n_events / wall if wall > 0 else None,
+        "peak_rss_mb_driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "histograms": len(histograms),
+        "ml_histograms": len(ml_histograms),
+        "ttbar_alternatives": [v for v in TTBAR_ALTERNATIVES if any(s[1] == v for s in plan.samples.values())],
+        "versions": _versions(),
+        "host": {"cpus": os.cpu_count(), "platform": sys.platform},
+    }
+    write_root(output, histograms)
+    if ml_output is not None:
+        write_root(ml_output, ml_histograms)
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    return RunResult(histograms, ml_histograms, metrics, output, ml_output, metrics_path)
+
+
+__all__ = [
+    "AGCProcessor",
+    "ChunkResult",
+    "ManifestError",
+    "ProcessError",
+    "RunResult",
+    "SchemaError",
+    "analyse_events",
+    "merge_chunks",
+    "run_processor",
+]

@@ -1,0 +1,136 @@
+"""Column contract of the delivered skim and the coffea schema that reads it.
+
+The delivered parquet is flat NanoAOD branches (``Jet_pt``, ``Muon_sip3d``, ...). The processor needs them as
+collections with Lorentz-vector behaviour, so :class:`AGCSkimSchema` zips ``Jet_*``, ``Electron_*`` and
+``Muon_*`` the way coffea's NanoAOD schema does, without requiring NanoAOD's counter/index branches.
+
+:data:`COLUMNS` is the single list of what the processor reads and in which precision. The types matter for
+physics: cuts are evaluated in the column's precision (float32), so a float64 ``Jet_eta`` would silently
+change which events pass; such a file is refused up front instead (:func:`check_parquet_schema`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from coffea.nanoevents.schemas.base import BaseSchema, zip_forms
+
+#: Collections zipped by the schema, in output order.
+COLLECTIONS: tuple[str, ...] = ("Jet", "Electron", "Muon")
+
+#: Every column the processor may read: name -> (jagged?, numpy dtype).
+COLUMNS: dict[str, tuple[bool, str]] = {
+    "run": (False, "uint32"),
+    "luminosityBlock": (False, "uint32"),
+    "event": (False, "uint64"),
+    "Jet_pt": (True, "float32"),
+    "Jet_eta": (True, "float32"),
+    "Jet_phi": (True, "float32"),
+    "Jet_mass": (True, "float32"),
+    "Jet_btagCSVV2": (True, "float32"),
+    "Jet_qgl": (True, "float32"),
+    "Jet_jetId": (True, "int32"),
+    "Electron_pt": (True, "float32"),
+    "Electron_eta": (True, "float32"),
+    "Electron_phi": (True, "float32"),
+    "Electron_mass": (True, "float32"),
+    "Electron_cutBased": (True, "int32"),
+    "Electron_sip3d": (True, "float32"),
+    "Muon_pt": (True, "float32"),
+    "Muon_eta": (True, "float32"),
+    "Muon_phi": (True, "float32"),
+    "Muon_mass": (True, "float32"),
+    "Muon_tightId": (True, "bool"),
+    "Muon_sip3d": (True, "float32"),
+    "Muon_pfRelIso04_all": (True, "float32"),
+}
+
+#: Columns only the BDT reconstruction reads (``--no-ml`` does not need them).
+ML_ONLY_COLUMNS: frozenset[str] = frozenset(
+    {"Jet_qgl", "Electron_phi", "Electron_mass", "Muon_phi", "Muon_mass"}
+)
+
+
+def needed_columns(ml: bool) -> list[str]:
+    """The columns a run reads: everything in :data:`COLUMNS`, minus the BDT inputs when ``ml`` is off."""
+    return [c for c in COLUMNS if ml or c not in ML_ONLY_COLUMNS]
+
+
+class SchemaError(ValueError):
+    """A parquet file that lacks a needed column or stores one with the wrong type."""
+
+
+def _arrow_dtype(arrow_type: Any) -> tuple[bool, str | None]:
+    """(jagged?, numpy dtype name) of an arrow field type; dtype None when it is not a plain number."""
+    import pyarrow as pa
+
+    jagged = False
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        jagged = True
+        arrow_type = arrow_type.value_type
+    try:
+        return jagged, np.dtype(arrow_type.to_pandas_dtype()).name
+    except (NotImplementedError, TypeError):
+        return jagged, None
+
+
+def check_parquet_schema(path: Path, columns: Iterable[str]) -> None:
+    """Refuse (``SchemaError``) a parquet file missing one of ``columns`` or storing one with the wrong type."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as err:  # pyarrow raises several unrelated types for unreadable files
+        raise SchemaError(f"{path}: not a readable parquet file ({err})") from None
+    for name in columns:
+        want_jagged, want_dtype = COLUMNS[name]
+        if name not in schema.names:
+            raise SchemaError(f"{path}: missing column {name}")
+        jagged, dtype = _arrow_dtype(schema.field(name).type)
+        if jagged != want_jagged or dtype != want_dtype:
+            want = f"list of {want_dtype}" if want_jagged else want_dtype
+            raise SchemaError(f"{path}: column {name} is {schema.field(name).type}, expected {want}")
+
+
+class AGCSkimSchema(BaseSchema):  # type: ignore[misc]
+    """coffea schema for the delivered skim: ``Jet``, ``Electron``, ``Muon`` as PtEtaPhiM collections.
+
+    Branches that belong to no collection (``run``, ``event``, ``nJet`` ...) stay top-level fields. Columns
+    are zipped only when all of a collection's branches share one offsets layout, as coffea requires.
+    """
+
+    def __init__(self, base_form: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        super().__init__(base_form)
+        self._form["fields"], self._form["contents"] = self._build(
+            self._form["fields"], self._form["contents"]
+        )
+
+    @staticmethod
+    def _build(fields: list[str], contents: list[Any]) -> tuple[list[str], list[Any]]:
+        branches = dict(zip(fields, contents, strict=True))
+        out: dict[str, Any] = {}
+        grouped: dict[str, dict[str, Any]] = {c: {} for c in COLLECTIONS}
+        for name, form in branches.items():
+            coll, _, var = name.partition("_")
+            if coll in grouped and var and form["class"].startswith("ListOffsetArray"):
+                grouped[coll][var] = form
+            else:
+                out[name] = form
+        for coll, forms in grouped.items():
+            if forms:
+                has_p4 = {"pt", "eta", "phi", "mass"} <= forms.keys()
+                out[coll] = zip_forms(forms, coll, "PtEtaPhiMLorentzVector" if has_p4 else None)
+        return list(out), list(out.values())
+
+    @classmethod
+    def behavior(cls) -> dict[Any, Any]:
+        """Base NanoEvents behaviour plus coffea's Lorentz vectors."""
+        from coffea.nanoevents.methods import base, vector
+
+        behavior: dict[Any, Any] = {}
+        behavior.update(base.behavior)
+        behavior.update(vector.behavior)
+        return behavior

@@ -1,0 +1,282 @@
+"""AGC v2 object and event selection, regions and observables, on awkward arrays of any origin.
+
+The public functions take awkward collections (``events.Jet`` from the skim schema, coffea's NanoAOD schema or a
+plain ``ak.zip``) so direct NanoAOD processing and streaming reuse them unchanged. Internally the jagged
+collections are reduced to flat numpy columns plus offsets (:class:`Collection`), cuts are evaluated with numpy
+in the column's precision (float32 columns against Python floats compare in float32, as in the AGC), and the
+per-event work -- counting, HT and the trijet search -- runs in one numba pass over the offsets.
+
+Bin-exactness conventions (see ``physics-conventions.md``):
+
+- HT is summed sequentially in the pT column's dtype, like ``ak.sum`` (float32 for nominal jets, float64 for
+  varied ones).
+- The trijet search walks candidates in ``ak.combinations(jets, 3)`` order, keeps those with a tagged jet and
+  the *first* one with the largest vector-sum pT (``ak.argmax``). Four-momenta are summed in float64 Cartesian
+  components (px = pT cos phi, py = pT sin phi, pz = pT sinh eta, E = sqrt(p^2 + m^2)); coffea's vector
+  library adds PtEtaPhiM vectors in polar float32 arithmetic instead, which can only differ on candidates whose
+  pT agree to float32 precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import awkward as ak
+import numba
+import numpy as np
+
+from .constants import (
+    BTAG_WP,
+    ELECTRON_CUTBASED,
+    JET_ABS_ETA_MAX,
+    JET_ID_MASK,
+    JET_PT_MIN,
+    LEPTON_ABS_ETA_MAX,
+    LEPTON_PT_MIN,
+    LEPTON_SIP3D_MAX,
+    MIN_JETS,
+    MUON_ISO_MAX,
+)
+
+#: Region codes returned per event by :func:`select_events`.
+NO_REGION, REGION_4J1B, REGION_4J2B = 0, 1, 2
+REGION_CODES: dict[str, int] = {"4j1b": REGION_4J1B, "4j2b": REGION_4J2B}
+
+
+@dataclass
+class Collection:
+    """A jagged collection as offsets (length n+1, int64, starting at 0) and flat numpy fields."""
+
+    offsets: np.ndarray
+    fields: dict[str, np.ndarray]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.fields[name]
+
+    @classmethod
+    def from_awkward(cls, collection: Any, names: tuple[str, ...]) -> Collection:
+        """Flatten the fields ``names`` of a jagged awkward record array (virtual columns are read here)."""
+        counts = np.asarray(ak.num(collection, axis=1), dtype=np.int64)
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        fields = {n: np.asarray(ak.to_numpy(ak.flatten(collection[n], axis=1))) for n in names}
+        return cls(offsets, fields)
+
+
+def per_event_count(offsets: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Number of True entries of a flat ``mask`` in each event."""
+    csum = np.zeros(len(mask) + 1, dtype=np.int64)
+    np.cumsum(mask, out=csum[1:])
+    return csum[offsets[1:]] - csum[offsets[:-1]]
+
+
+def electron_mask(electrons: Collection) -> np.ndarray:
+    """AGC v2 tight electrons: pT > 30, |eta| < 2.1, cutBased == 4 (tight), sip3d < 4."""
+    return (
+        (electrons["pt"] > LEPTON_PT_MIN)
+        & (np.abs(electrons["eta"]) < LEPTON_ABS_ETA_MAX)
+        & (electrons["cutBased"] == ELECTRON_CUTBASED)
+        & (electrons["sip3d"] < LEPTON_SIP3D_MAX)
+    )
+
+
+def muon_mask(muons: Collection) -> np.ndarray:
+    """AGC v2 tight muons: pT > 30, |eta| < 2.1, tightId, sip3d < 4, pfRelIso04_all < 0.15."""
+    return (
+        (muons["pt"] > LEPTON_PT_MIN)
+        & (np.abs(muons["eta"]) < LEPTON_ABS_ETA_MAX)
+        & muons["tightId"].astype(bool)
+        & (muons["sip3d"] < LEPTON_SIP3D_MAX)
+        & (muons["pfRelIso04_all"] < MUON_ISO_MAX)
+    )
+
+
+def jet_mask_fixed(jets: Collection) -> np.ndarray:
+    """The pT-independent part of the jet selection: |eta| < 2.4 and tight-lepton-veto ID (jetId bit 2)."""
+    return (np.abs(jets["eta"]) < JET_ABS_ETA_MAX) & ((jets["jetId"] & JET_ID_MASK) != 0)
+
+
+def btag_mask(jets: Collection) -> np.ndarray:
+    """b-tagged: btagCSVV2 > 0.5, strictly (a score of exactly 0.5 is not tagged)."""
+    return np.asarray(jets["btagCSVV2"] > BTAG_WP)
+
+
+@dataclass
+class EventSelection:
+    """Per-event result of the selection for one jet variation.
+
+    ``region`` holds :data:`REGION_CODES` values; ``ht`` is in the pT dtype; ``mbjj`` is NaN outside 4j2b;
+    ``lead_pt[:, i]`` is the pT of the i-th selected jet (NaN where absent); ``jet_selected`` is the flat
+    per-jet selection mask (used to hand the selected jets to the BDT).
+    """
+
+    region: np.ndarray
+    ht: np.ndarray
+    mbjj: np.ndarray
+    lead_pt: np.ndarray
+    jet_selected: np.ndarray
+
+    def in_region(self, region: str) -> np.ndarray:
+        return np.asarray(self.region == REGION_CODES[region])
+
+
+@numba.njit(cache=True, nogil=True)
+def _event_kernel(  # pragma: no cover - compiled
+    offsets: np.ndarray,
+    pt: np.ndarray,
+    selected: np.ndarray,
+    tagged: np.ndarray,
+    eta: np.ndarray,
+    phi: np.ndarray,
+    mass: np.ndarray,
+    lepton_ok: np.ndarray,
+    min_jets: int,
+    region: np.ndarray,
+    ht: np.ndarray,
+    mbjj: np.ndarray,
+    lead_pt: np.ndarray,
+) -> None:
+    n_events = len(offsets) - 1
+    max_jets = 0
+    for e in range(n_events):
+        max_jets = max(max_jets, offsets[e + 1] - offsets[e])
+    idx = np.empty(max_jets, dtype=np.int64)
+    px = np.empty(max_jets)
+    py = np.empty(max_jets)
+    pz = np.empty(max_jets)
+    en = np.empty(max_jets)
+    tag = np.empty(max_jets, dtype=np.bool_)
+    for e in range(n_events):
+        region[e] = 0
+        mbjj[e] = np.nan
+        n = 0
+        nb = 0
+        for j in range(offsets[e], offsets[e + 1]):
+            if selected[j]:
+                ht[e] += pt[j]
+                if n < lead_pt.shape[1]:
+                    lead_pt[e, n] = pt[j]
+                idx[n] = j
+                n += 1
+                if tagged[j]:
+                    nb += 1
+        if not lepton_ok[e] or n < min_jets or nb == 0:
+            continue
+        if nb == 1:
+            region[e] = 1
+            continue
+        region[e] = 2
+        for k in range(n):
+            j = idx[k]
+            p = np.float64(pt[j])
+            f = np.float64(phi[j])
+            px[k] = p * np.cos(f)
+            py[k] = p * np.sin(f)
+            pz[k] = p * np.sinh(np.float64(eta[j]))
+            m = np.float64(mass[j])
+            en[k] = np.sqrt(px[k] * px[k] + py[k] * py[k] + pz[k] * pz[k] + m * m)
+            tag[k] = tagged[j]
+        best = -1.0
+        best_mass = np.nan
+        for a in range(n - 2):
+            for b in range(a + 1, n - 1):
+                for c in range(b + 1, n):
+                    if not (tag[a] or tag[b] or tag[c]):
+                        continue
+                    sx = px[a] + px[b] + px[c]
+                    sy = py[a] + py[b] + py[c]
+                    spt = np.sqrt(sx * sx + sy * sy)
+                    if spt > best:  # strict: the first maximum wins, like ak.argmax
+                        best = spt
+                        sz = pz[a] + pz[b] + pz[c]
+                        se = en[a] + en[b] + en[c]
+                        m2 = se * se - (sx * sx + sy * sy + sz * sz)
+                        best_mass = np.sqrt(m2) if m2 > 0.0 else 0.0
+        mbjj[e] = best_mass
+
+
+def select_events(
+    jets: Collection, jet_pt: np.ndarray, lepton_ok: np.ndarray, *, fixed_mask: np.ndarray | None = None,
+    tagged: np.ndarray | None = None,
+) -> EventSelection:
+    """Jet selection with pT ``jet_pt`` (a jet variation), event selection, regions and observables.
+
+    ``lepton_ok`` is the per-event "exactly one selected lepton" flag. ``fixed_mask`` and ``tagged`` (the
+    pT-independent jet cuts and the b-tag flags) can be passed in to share them between jet variations.
+    """
+    if fixed_mask is None:
+        fixed_mask = jet_mask_fixed(jets)
+    if tagged is None:
+        tagged = btag_mask(jets)
+    selected = np.asarray((jet_pt > JET_PT_MIN) & fixed_mask)
+    n = len(jets.offsets) - 1
+    region = np.zeros(n, dtype=np.int8)
+    ht = np.zeros(n, dtype=jet_pt.dtype)
+    mbjj = np.empty(n, dtype=np.float64)
+    lead_pt = np.full((n, MIN_JETS), np.nan, dtype=jet_pt.dtype)
+    _event_kernel(
+        jets.offsets, jet_pt, selected, tagged, jets["eta"], jets["phi"], jets["mass"],
+        np.asarray(lepton_ok, dtype=np.bool_), MIN_JETS, region, ht, mbjj, lead_pt,
+    )
+    return EventSelection(region, ht, mbjj, lead_pt, selected)
+
+
+def observable(sel: EventSelection, region: str) -> np.ndarray:
+    """The region's observable for its events: HT in 4j1b, m_bjj in 4j2b (float64, as histograms fill)."""
+    mask = sel.in_region(region)
+    values = sel.ht[mask] if region == "4j1b" else sel.mbjj[mask]
+    return values.astype(np.float64)
+
+
+@dataclass
+class LeptonSelection:
+    """Selected electrons and muons (flat masks) and the per-event "exactly one lepton" flag."""
+
+    electron: np.ndarray
+    muon: np.ndarray
+    one_lepton: np.ndarray
+
+
+def select_leptons(electrons: Collection, muons: Collection) -> LeptonSelection:
+    ele = electron_mask(electrons)
+    mu = muon_mask(muons)
+    n_lep = per_event_count(electrons.offsets, ele) + per_event_count(muons.offsets, mu)
+    return LeptonSelection(ele, mu, n_lep == 1)
+
+
+def single_lepton(electrons: Collection, muons: Collection, leptons: LeptonSelection,
+                  events: np.ndarray) -> ak.Array:
+    """The one selected lepton (pt, eta, phi, mass) of each event in the boolean mask ``events``.
+
+    Every event in ``events`` must have exactly one selected lepton, so exactly one of the electron or muon
+    candidates is kept.
+    """
+    out: dict[str, np.ndarray] = {}
+    for coll, mask in ((electrons, leptons.electron), (muons, leptons.muon)):
+        event_of = np.repeat(np.arange(len(coll.offsets) - 1), coll.counts)
+        keep = mask & events[event_of]
+        order = event_of[keep]
+        for name in ("pt", "eta", "phi", "mass"):
+            out.setdefault(name, np.empty(int(events.sum()), dtype=coll[name].dtype))
+        pos = np.searchsorted(np.flatnonzero(events), order)
+        for name in ("pt", "eta", "phi", "mass"):
+            out[name][pos] = coll[name][keep]
+    return ak.zip(out)
+
+
+def selected_jets(jets: Collection, jet_pt: np.ndarray, sel: EventSelection, events: np.ndarray,
+                  fields: tuple[str, ...] = ("pt", "eta", "phi", "mass", "btagCSVV2", "qgl")) -> ak.Array:
+    """The selected jets (in their pT order) of the events in the boolean mask ``events``, as an awkward array.
+
+    ``pt`` is the varied ``jet_pt``; the other fields come from the collection.
+    """
+    event_of = np.repeat(events, jets.counts)
+    keep = sel.jet_selected & event_of
+    counts = per_event_count(jets.offsets, keep)[events]
+    cols = {f: (jet_pt if f == "pt" else jets[f])[keep] for f in fields}
+    return ak.unflatten(ak.zip(cols), counts)

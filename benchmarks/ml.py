@@ -1,0 +1,217 @@
+"""Throughput of the BDT jet–parton assignment: feature building, inference, and the whole choice per event.
+
+Runs on generated ttbar events (4j2b selection, nominal jets) with the official AGC models when
+``../shared/agc/models`` exists, else the models shipped in ``models/``. Prints permutations/s and events/s of
+
+- our vectorised feature building (numba kernel over permutation index tables),
+- inference: ``xgboost.Booster.inplace_predict`` (1 and 2 threads) and, for comparison, a numba tree walker
+  over the same trees (scores must be identical),
+- ``best_permutation_features`` end to end,
+- the AGC way (per-event Python permutation lists, awkward gathers, prediction through a DMatrix as the sklearn
+  wrapper's ``predict_proba`` did in the AGC's xgboost; sklearn itself is not installed) on a subset,
+
+and the peak memory (numpy allocations of one ``best_permutation_features`` call, and the process peak RSS).
+
+    /work/venv/bin/python benchmarks/ml.py [--events 100000] [--baseline-events 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import awkward as ak
+import numba
+import numpy as np
+import xgboost as xgb
+
+from agc_sx.generate import generate
+from agc_sx.ml import (
+    BDTModels,
+    best_permutation_features,
+    permutation_features,
+    permutation_table,
+    read_4j2b,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+OFFICIAL = REPO.parent / "shared" / "agc" / "models"
+
+
+# --- numba tree walker (comparison only) --------------------------------------------------------------------------
+
+
+def flatten_trees(booster: xgb.Booster) -> tuple[np.ndarray, ...]:
+    """All trees as flat node arrays: (root of each tree, split feature or -1, threshold or leaf value, left
+    child, default-left flag) and the base margin. XGBoost stores the right child at left + 1."""
+    model = json.loads(booster.save_raw("json"))
+    trees = model["learner"]["gradient_booster"]["model"]["trees"]
+    roots, feat, value, left, default_left = [], [], [], [], []
+    offset = 0
+    for t in trees:
+        lc = np.asarray(t["left_children"], dtype=np.int32)
+        assert np.all((np.asarray(t["right_children"]) == lc + 1) | (lc < 0))
+        roots.append(offset)
+        feat.append(np.where(lc >= 0, np.asarray(t["split_indices"], dtype=np.int32), -1))
+        value.append(np.asarray(t["split_conditions"], dtype=np.float32))
+        left.append(np.where(lc >= 0, lc + offset, -1))
+        default_left.append(np.asarray(t["default_left"], dtype=np.bool_))
+        offset += len(lc)
+    # binary:logistic stores the intercept as a probability; the trees add to its logit (float32, as xgboost)
+    base = np.float32(float(model["learner"]["learner_model_param"]["base_score"].strip("[]")))
+    margin = -np.log(np.float32(1.0) / base - np.float32(1.0))
+    return (np.asarray(roots, dtype=np.int32), np.concatenate(feat), np.concatenate(value),
+            np.concatenate(left).astype(np.int32), np.concatenate(default_left), np.float32(margin))
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def walk(x: np.ndarray, roots: np.ndarray, feat: np.ndarray, value: np.ndarray, left: np.ndarray,
+         default_left: np.ndarray, base_margin: np.float32, out: np.ndarray) -> None:  # pragma: no cover
+    for i in numba.prange(x.shape[0]):
+        acc = base_margin
+        for t in range(roots.shape[0]):
+            k = roots[t]
+            while feat[k] >= 0:
+                v = x[i, feat[k]]
+                if np.isnan(v):
+                    k = left[k] if default_left[k] else left[k] + 1
+                elif v < value[k]:
+                    k = left[k]
+                else:
+                    k = left[k] + 1
+            acc += value[k]
+        out[i] = np.float32(1.0) / (np.float32(1.0) + np.exp(-acc))
+
+
+# --- the AGC way ------------------------------------------------------------------------------------------------------
+
+
+def agc_style_best(jets: ak.Array, lepton: ak.Array, event: np.ndarray, even_model: Any, odd_model: Any) -> np.ndarray:
+    """Per-event Python list of permutations, awkward gathers, DMatrix prediction, ak.argmax."""
+    perm_dict = {n: permutation_table(n).tolist() for n in (4, 5, 6)}
+    njet = np.minimum(ak.to_numpy(ak.num(jets)), 6)
+    perms = ak.Array([perm_dict[int(n)] for n in njet])
+    counts = ak.to_numpy(ak.num(perms))
+    lep = ak.zip({k: lepton[k] for k in ("pt", "eta", "phi", "mass")})
+    cols = []
+    slot = [jets[perms[..., i]] for i in range(4)]
+    cols.append(ak.flatten(np.sqrt((lep.eta - slot[3].eta) ** 2 + (lep.phi - slot[3].phi) ** 2)))
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        cols.append(ak.flatten(np.sqrt((slot[a].eta - slot[b].eta) ** 2 + (slot[a].phi - slot[b].phi) ** 2)))
+
+    def p4(o: Any) -> tuple[Any, Any, Any, Any]:
+        px, py, pz = o.pt * np.cos(o.phi), o.pt * np.sin(o.phi), o.pt * np.sinh(o.eta)
+        return px, py, pz, np.sqrt(px**2 + py**2 + pz**2 + o.mass**2)
+
+    def mass(*vs: Any) -> Any:
+        px, py, pz, e = (sum(v[i] for v in vs) for i in range(4))
+        return np.sqrt(np.maximum(e**2 - px**2 - py**2 - pz**2, 0))
+
+    s4 = [p4(s) for s in slot]
+    cols.append(ak.flatten(mass(p4(lep), s4[3])))
+    cols.append(ak.flatten(mass(s4[0], s4[1])))
+    cols.append(ak.flatten(mass(s4[0], s4[1], s4[2])))
+    cols.append(ak.flatten(np.hypot(s4[0][0] + s4[1][0] + s4[2][0], s4[0][1] + s4[1][1] + s4[2][1])))
+    for field in ("pt", "btagCSVV2", "qgl"):
+        cols.extend(ak.flatten(s[field]) for s in slot)
+    features = np.zeros((int(counts.sum()), 20))
+    for i, c in enumerate(cols):
+        features[:, i] = ak.to_numpy(c)
+    even = np.repeat(event % 2 == 0, counts)
+    scores = np.zeros(len(features))
+    scores[even] = odd_model.predict(xgb.DMatrix(features[even]))
+    scores[~even] = even_model.predict(xgb.DMatrix(features[~even]))
+    best = ak.argmax(ak.unflatten(scores, counts), axis=1)
+    return np.asarray(ak.to_numpy(best))
+
+
+def interleaved(candidates: dict[str, Any], rounds: int = 5) -> dict[str, float]:
+    """Best wall time of each candidate, measured in alternation (the machine is shared: a slow spell then
+    hits every candidate, not just one). Each candidate is called once first to compile / warm up."""
+    for func in candidates.values():
+        func()
+    best = dict.fromkeys(candidates, np.inf)
+    for _ in range(rounds):
+        for name, func in candidates.items():
+            t0 = time.perf_counter()
+            func()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000, help="generated ttbar events (before selection)")
+    parser.add_argument("--baseline-events", type=int, default=1500, help="4j2b events for the AGC-style baseline")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (best of)")
+    parser.add_argument("--seed", type=int, default=99)
+    args = parser.parse_args()
+
+    model_dirs = {"shipped": REPO / "models"}
+    if (OFFICIAL / "model_even.json").is_file():
+        model_dirs = {"official AGC": OFFICIAL, **model_dirs}
+    with tempfile.TemporaryDirectory() as tmp:
+        catalog = generate(Path(tmp), events_per_file=args.events, seed=args.seed, samples=["ttbar__nominal"])
+        ev = read_4j2b(catalog["ttbar__nominal"].files[0].path)
+    n_ev = len(ev.event)
+    features, counts = permutation_features(ev.jets, ev.lepton)
+    n_perm = int(counts.sum())
+    print(f"{args.events:,} generated ttbar events -> {n_ev:,} in 4j2b, {n_perm:,} permutations "
+          f"({n_perm / n_ev:.1f} per event); best of {args.rounds} interleaved rounds")
+
+    def line(label: str, seconds: float, n_rows: int = n_perm, n_events: int = n_ev) -> None:
+        print(f"  {label:<44} {n_rows / seconds / 1e6:7.3f} M permutations/s {n_events / seconds:11,.0f} events/s")
+
+    t = interleaved({"f": lambda: permutation_features(ev.jets, ev.lepton)}, args.rounds)
+    line("features (vectorised, numba)", t["f"])
+
+    for label, model_dir in model_dirs.items():
+        models = BDTModels.load(model_dir)
+        trees = flatten_trees(models.even)
+        print(f"{label} models ({model_dir}): {models.even.num_boosted_rounds()} trees, {len(trees[1]):,} nodes")
+        walked = np.empty(n_perm, dtype=np.float32)
+
+        def walker(nthread: int, trees: tuple[np.ndarray, ...] = trees, walked: np.ndarray = walked) -> None:
+            numba.set_num_threads(nthread)
+            walk(features, *trees, walked)
+
+        candidates: dict[str, Any] = {}
+        for nthread in (1, 2):
+            candidates[f"xgboost Booster.inplace_predict, {nthread} thread(s)"] = (
+                lambda n=nthread, m=models: m.predict(m.even, features, n))
+            candidates[f"numba tree walker, {nthread} thread(s)"] = lambda n=nthread: walker(n)
+            candidates[f"best_permutation_features, {nthread} thread(s)"] = (
+                lambda n=nthread, m=models: best_permutation_features(ev.jets, ev.lepton, ev.event, m, nthread=n))
+        for name, seconds in interleaved(candidates, args.rounds).items():
+            line(name, seconds)
+        walker(1)
+        scores = models.predict(models.even, features, 1)
+        print(f"  walker vs xgboost: max |score diff| = {np.abs(walked - scores).max():.3g} "
+              f"({int(np.sum(walked != scores))} of {n_perm:,} rows differ)")
+
+        m = min(args.baseline_events, n_ev)
+        t0 = time.perf_counter()
+        agc_best = agc_style_best(ev.jets[:m], ev.lepton[:m], ev.event[:m], models.even, models.odd)
+        line(f"AGC style (per-event lists, DMatrix), {m:,} ev", time.perf_counter() - t0, int(counts[:m].sum()), m)
+        ours = best_permutation_features(ev.jets[:m], ev.lepton[:m], ev.event[:m], models)
+        first = np.cumsum(counts[:m]) - counts[:m]
+        same = np.all(np.abs(features[first + agc_best] - ours) <= 1e-3 * np.maximum(1, np.abs(ours)), axis=1)
+        print(f"  AGC style and ours choose the same permutation in {same.mean():.2%} of events")
+
+        tracemalloc.start()
+        best_permutation_features(ev.jets, ev.lepton, ev.event, models, nthread=1)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        print(f"  peak numpy allocations of one best_permutation_features call ({n_ev:,} events): "
+              f"{peak / 2**20:.0f} MiB")
+    print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

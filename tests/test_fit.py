@@ -1,0 +1,238 @@
+"""The cabinetry fit on synthetic ``histograms.root`` files with a known ttbar signal strength."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import hist
+import numpy as np
+import pytest
+import uproot
+import yaml
+from click.testing import CliRunner
+
+from agc_sx.cli import main
+from agc_sx.constants import (
+    BTAG_VARIATIONS,
+    HIST_BINS,
+    HIST_RANGE,
+    PROCESSES,
+    REGIONS,
+    TTBAR_ALTERNATIVES,
+    WJETS_SCALE_DOWN,
+    WJETS_SCALE_UP,
+    WJETS_SCALE_VARIATIONS,
+)
+from agc_sx.fit import (
+    POI,
+    FitError,
+    build_config,
+    optional_keys,
+    read_histogram,
+    rebin_for_fit,
+    required_keys,
+    run_fit,
+    validate_config,
+)
+
+EDGES = np.linspace(*HIST_RANGE, HIST_BINS + 1)
+CENTRES = 0.5 * (EDGES[1:] + EDGES[:-1])
+
+# (yield, shape) per region and process: ttbar peaks (HT ~ 330 GeV, m_bjj ~ 170 GeV on a combinatorial tail), W+jets
+# falls, single top sits in between.  Yields are in the ratio of the AGC's 4j1b / 4j2b regions.
+_SHAPES = {
+    "4j1b": {
+        "ttbar": (12000.0, lambda x: np.exp(-0.5 * ((np.log(x) - np.log(330)) / 0.28) ** 2) / x),
+        "wjets": (6000.0, lambda x: np.exp(-0.5 * ((np.log(x) - np.log(230)) / 0.35) ** 2) / x),
+        "single_top_s_chan": (60.0, lambda x: np.exp(-0.5 * ((np.log(x) - np.log(280)) / 0.3) ** 2) / x),
+        "single_top_t_chan": (900.0, lambda x: np.exp(-0.5 * ((np.log(x) - np.log(270)) / 0.3) ** 2) / x),
+        "single_top_tW": (1100.0, lambda x: np.exp(-0.5 * ((np.log(x) - np.log(310)) / 0.3) ** 2) / x),
+    },
+    "4j2b": {
+        "ttbar": (7000.0, lambda x: np.exp(-0.5 * ((x - 170) / 25) ** 2) + 0.6 * np.exp(-(x - 50) / 150)),
+        "wjets": (300.0, lambda x: np.exp(-(x - 50) / 90)),
+        "single_top_s_chan": (40.0, lambda x: np.exp(-0.5 * ((x - 175) / 40) ** 2) + 0.3 * np.exp(-(x - 50) / 150)),
+        "single_top_t_chan": (250.0, lambda x: np.exp(-0.5 * ((x - 175) / 40) ** 2) + 0.5 * np.exp(-(x - 50) / 150)),
+        "single_top_tW": (500.0, lambda x: np.exp(-0.5 * ((x - 172) / 30) ** 2) + 0.5 * np.exp(-(x - 50) / 150)),
+    },
+}
+#: Weight per simulated event, for the sum of squared weights (ttbar well simulated, W+jets poorly).
+_EVENT_WEIGHT = {"ttbar": 0.05, "wjets": 0.6, "single_top_s_chan": 0.01, "single_top_t_chan": 0.05,
+                 "single_top_tW": 0.03}
+
+
+def _template(region: str, process: str, scale: float = 1.0) -> np.ndarray:
+    """Expected bin contents of ``process`` with the observable scaled by ``scale`` (a jet energy scale shift)."""
+    total, shape = _SHAPES[region][process]
+    fine = np.linspace(*HIST_RANGE, 20 * HIST_BINS + 1)
+    x = 0.5 * (fine[1:] + fine[:-1])
+    varied = shape(x / scale) / scale
+    return varied.reshape(HIST_BINS, 20).sum(axis=1) * total / shape(x).sum()
+
+
+def toy_histograms(mu: float = 1.3) -> dict[str, np.ndarray]:
+    """Every histogram ``process`` writes, as expected contents: nominal, all variations, pseudodata."""
+    out: dict[str, np.ndarray] = {}
+    rel = (CENTRES - 300.0) / 250.0  # -1 .. +1 across the range
+    for region in REGIONS:
+        data = np.zeros(HIST_BINS)
+        for process in PROCESSES:
+            nominal = _template(region, process)
+            key = f"{region}_{process}"
+            out[key] = nominal
+            data += nominal * (mu if process == "ttbar" else 1.0)
+            # jet energy scale: +3 % on jet pT moves the spectrum up and lets more events pass
+            out[f"{key}_pt_scale_up"] = _template(region, process, 1.03) * 1.05
+            # resolution: a slight broadening
+            out[f"{key}_pt_res_up"] = nominal * (1.0 + 0.04 * rel**2 - 0.01)
+            for name in BTAG_VARIATIONS:
+                i, sign = int(name.split("_")[2]), 1.0 if name.endswith("up") else -1.0
+                out[f"{key}_{name}"] = nominal * (1.0 + sign * 0.01 * (i + 1) * (1.2 + rel))
+            if process == "wjets":
+                up, down = WJETS_SCALE_VARIATIONS
+                out[f"{key}_{up}"] = nominal * WJETS_SCALE_UP
+                out[f"{key}_{down}"] = nominal * WJETS_SCALE_DOWN
+            if process == "ttbar":
+                alt = {"ME_var": 1.0 + 0.06 * rel, "PS_var": 0.97 - 0.03 * rel**2,
+                       "scaleup": 1.0 - 0.02 + 0.01 * rel, "scaledown": 1.0 + 0.02 - 0.01 * rel}
+                assert set(alt) == set(TTBAR_ALTERNATIVES)
+                for name, factor in alt.items():
+                    out[f"{key}_{name}"] = nominal * factor
+        out[f"{region}_pseudodata"] = data
+    return out
+
+
+def _variance(key: str, values: np.ndarray) -> np.ndarray:
+    process = next((p for p in PROCESSES if key.split("_", 1)[1].startswith(p)), None)
+    return values * (_EVENT_WEIGHT[process] if process else 0.05)
+
+
+def write_toy_histograms(path: Path, *, mu: float = 1.3, drop: Iterable[str] = (), seed: int | None = None,
+                         extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Write the toy histograms to ``path`` as TH1D with sumw2, like ``agc-sx process`` does.
+
+    ``seed`` Poisson-fluctuates the pseudodata; ``drop`` leaves keys out (as the processor does for empty ones).
+    Returns what was written.
+    """
+    contents = toy_histograms(mu)
+    if seed is not None:
+        rng = np.random.default_rng(seed)
+        for region in REGIONS:
+            contents[f"{region}_pseudodata"] = rng.poisson(contents[f"{region}_pseudodata"]).astype(float)
+    contents.update(extra or {})
+    for key in drop:
+        contents.pop(key)
+    with uproot.recreate(path) as f:
+        for key, values in contents.items():
+            h = hist.Hist(hist.axis.Regular(len(values), EDGES[0], EDGES[-1], name="observable"),
+                          storage=hist.storage.Weight())
+            h.view().value = values
+            h.view().variance = _variance(key, values)
+            f[key] = h
+    return contents
+
+
+@pytest.fixture(scope="module")
+def toy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("toy") / "histograms.root"
+    write_toy_histograms(path, mu=1.3)
+    return path
+
+
+def test_toy_file_has_every_key_the_fit_reads(toy_file: Path) -> None:
+    with uproot.open(toy_file) as f:
+        present = set(f.keys(cycle=False))
+    assert set(required_keys()) <= present
+    assert set(optional_keys()) <= present
+
+
+def test_rebin_merges_pairs_from_110(toy_file: Path) -> None:
+    with uproot.open(toy_file) as f:
+        h = read_histogram(f, "4j1b_ttbar")
+    r = rebin_for_fit(h)
+    assert r.edges.tolist() == [110.0 + 40.0 * i for i in range(12)]
+    assert r.values[0] == pytest.approx(h.values[3] + h.values[4])
+    assert r.variances[-1] == pytest.approx(h.variances[-2] + h.variances[-1])
+    assert r.values.sum() == pytest.approx(h.values[3:].sum())
+
+
+def test_config_validates_and_describes_the_agc_model(tmp_path: Path) -> None:
+    config = build_config(tmp_path / "in.root", tmp_path / "templates")
+    validate_config(config)  # raises if invalid
+    assert config["General"]["Measurement"] == "CMS_ttbar"
+    (norm,) = config["NormFactors"]
+    assert (norm["Name"], norm["Samples"], norm["Nominal"], norm["Bounds"]) == (POI, "ttbar", 1.0, [0.0, 10.0])
+    assert [r["Name"] for r in config["Regions"]] == list(REGIONS)
+    assert [s["Name"] for s in config["Samples"] if s.get("Data")] == ["pseudodata"]
+    systs = {s["Name"]: s for s in config["Systematics"]}
+    assert systs["ME_var"]["Down"] == {"Symmetrize": True} and systs["ME_var"]["Samples"] == "ttbar"
+    assert systs["luminosity"]["Type"] == "Normalization"
+    assert systs["luminosity"]["Up"]["Normalization"] == pytest.approx(0.03)
+    assert set(systs["pt_res"]["Samples"]) == set(PROCESSES)
+    assert systs["wjets_scale_var"]["Samples"] == "wjets"
+    assert sum(name.startswith("btag_var_") for name in systs) == 4
+
+    broken = json.loads(json.dumps(config))
+    del broken["General"]["Measurement"]
+    with pytest.raises(FitError, match="invalid cabinetry configuration"):
+        validate_config(broken)
+
+
+def test_fit_recovers_injected_signal_strength(toy_file: Path, tmp_path: Path) -> None:
+    """Pseudodata = 1.3 x ttbar + backgrounds (no fluctuation): the best fit is 1.3 inside its MINOS interval."""
+    out = tmp_path / "fit"
+    result = run_fit(toy_file, out)
+    assert result.interval == "minos"
+    assert result.value == pytest.approx(1.3, abs=0.01)
+    assert 0.005 < result.error_down < 0.5 and 0.005 < result.error_up < 0.5
+    assert result.value - result.error_down < 1.3 < result.value + result.error_up
+    assert not result.substituted
+
+    doc = json.loads(result.results.read_text())
+    assert doc["bestfit"] == pytest.approx(result.value)
+    assert doc["interval"]["method"] == "minos"
+    assert doc["interval"]["low"] == pytest.approx(result.value - result.error_down)
+    assert POI in doc["labels"] and len(doc["correlation"]) == len(doc["labels"])
+    # the configuration next to the result is the one cabinetry ran, and it validates
+    config = yaml.safe_load(result.config.read_text())
+    validate_config(config)
+    assert Path(config["General"]["InputPath"].split(":")[0]).parent == out.resolve()
+    names = {p.name for p in result.plots}
+    assert {"pulls.png", "4j1b_prefit.png", "4j1b_postfit.png", "4j2b_prefit.png", "4j2b_postfit.png"} <= names
+    for p in result.plots:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_profile_scan_interval_on_fluctuated_pseudodata(tmp_path: Path) -> None:
+    """Poisson-fluctuated pseudodata with a missing optional template: the profile-likelihood interval covers 1.3."""
+    path = tmp_path / "histograms.root"
+    dropped = "4j2b_single_top_s_chan_btag_var_3_down"
+    write_toy_histograms(path, mu=1.3, seed=7, drop=[dropped])
+    result = run_fit(path, tmp_path / "fit", interval="profile", plots=False)
+    assert result.substituted == (dropped,)
+    assert result.value - 2 * result.error_down < 1.3 < result.value + 2 * result.error_up
+    assert 0.005 < result.error_down < 0.5 and 0.005 < result.error_up < 0.5
+    assert "profile-likelihood" in result.summary()
+    assert json.loads(result.results.read_text())["substituted_templates"] == [dropped]
+
+
+def test_missing_required_key_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "histograms.root"
+    write_toy_histograms(path, drop=["4j2b_wjets"])
+    with pytest.raises(FitError, match="'4j2b_wjets' is missing"):
+        run_fit(path, tmp_path / "fit")
+
+    res = CliRunner().invoke(main, ["fit", str(path), "--output-dir", str(tmp_path / "fit")])
+    assert res.exit_code != 0
+    assert "4j2b_wjets" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_cli_prints_the_interval(toy_file: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["fit", str(toy_file), "--output-dir", str(tmp_path / "f"), "--no-plots"])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith(f"{POI} = "))
+    assert "MINOS" in line
+    assert (tmp_path / "f" / "fit_results.json").is_file()

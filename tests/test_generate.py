@@ -1,0 +1,253 @@
+"""The toy NanoAOD generator: file format as real 2015 NanoAOD, catalogue, determinism and the physics the AGC uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import pytest
+import uproot
+from click.testing import CliRunner
+
+from agc_sx import constants as C
+from agc_sx.catalogue import load_catalog
+from agc_sx.cli import main
+from agc_sx.generate import _rng, generate, generate_events
+
+REAL_NANOAOD = Path(__file__).resolve().parents[2] / "shared" / "agc" / "samples" / "nanoAOD_2015_CMS_Open_Data_ttbar.root"
+
+REQUIRED = [
+    "run", "luminosityBlock", "event", "genWeight", "nJet", "nElectron", "nMuon", "nGenPart", "MET_pt", "Photon_pt",
+    *(f"Jet_{x}" for x in ("pt", "eta", "phi", "mass", "btagCSVV2", "qgl", "jetId")),
+    *(f"Electron_{x}" for x in ("pt", "eta", "phi", "mass", "charge", "cutBased", "sip3d", "pfRelIso03_all")),
+    *(f"Muon_{x}" for x in ("pt", "eta", "phi", "mass", "charge", "tightId", "sip3d", "pfRelIso04_all")),
+    *(f"GenPart_{x}" for x in ("pt", "eta", "phi", "mass", "pdgId", "genPartIdxMother", "status")),
+]
+EVENTS, FILES = 400, 2
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("generated")
+    generate(out, events_per_file=EVENTS, files_per_sample=FILES, seed=7)
+    return out
+
+
+@pytest.fixture(scope="module")
+def big() -> dict[str, dict[str, ak.Array]]:
+    """Larger in-memory samples for the physics checks (no files needed)."""
+    out = {}
+    for process, variation, n in (("ttbar", "nominal", 20000), ("ttbar", "scaleup", 8000),
+                                  ("ttbar", "scaledown", 8000), ("wjets", "nominal", 20000)):
+        d = generate_events(process, variation, n, _rng(11, f"{process}__{variation}", 0, 0))
+        out[f"{process}__{variation}"] = d
+    return out
+
+
+def _read(path: str | Path) -> ak.Array:
+    with uproot.open(path) as f:
+        return f["Events"].arrays()
+
+
+def test_catalogue_points_to_all_files(generated: Path) -> None:
+    cat = load_catalog(generated / "ntuples.json")
+    bundled = load_catalog()
+    assert cat.names == bundled.names
+    assert cat.n_files == len(bundled) * FILES
+    for s in cat:
+        assert s.xsec == pytest.approx(bundled[s.name].xsec)
+        assert s.nevts_total == sum(f.nevts for f in s.files)
+        for f in s.files:
+            assert Path(f.path).is_absolute() and Path(f.path).exists()
+            with uproot.open(f.path) as root:
+                assert root.classnames() == {"Events;1": "TTree"}
+                assert root["Events"].num_entries == f.nevts == EVENTS
+    assert not list(generated.glob("*.part")), "temporary files left behind"
+
+
+def test_branch_names_and_dtypes_as_real_nanoaod(generated: Path) -> None:
+    if not REAL_NANOAOD.exists():
+        pytest.skip(f"reference NanoAOD file not available ({REAL_NANOAOD})")
+    with uproot.open(REAL_NANOAOD) as f:
+        real = {b.name: str(b.interpretation) for b in f["Events"].branches}
+    for path in sorted(generated.glob("*.root")):
+        with uproot.open(path) as f:
+            ours = {b.name: str(b.interpretation) for b in f["Events"].branches}
+        assert set(REQUIRED) <= set(ours), path.name
+        unknown = set(ours) - set(real)
+        assert not unknown, f"{path.name}: branches not in real NanoAOD: {sorted(unknown)}"
+        wrong = {k: (v, real[k]) for k, v in ours.items() if v != real[k]}
+        assert not wrong, f"{path.name}: dtypes differ from real NanoAOD: {wrong}"
+
+
+def test_counters_ordering_and_event_numbers(generated: Path) -> None:
+    cat = load_catalog(generated / "ntuples.json")
+    for s in cat:
+        events = []
+        for f in s.files:
+            a = _read(f.path)
+            for coll in ("Jet", "Electron", "Muon", "GenPart", "Photon"):
+                assert np.array_equal(a[f"n{coll}"].to_numpy(), ak.num(a[f"{coll}_pt"]).to_numpy()), (s.name, coll)
+            for coll in ("Jet", "Electron", "Muon"):
+                pt = a[f"{coll}_pt"]
+                assert ak.all(pt[:, 1:] <= pt[:, :-1]), (s.name, coll)
+            events.append(a.event.to_numpy())
+        ev = np.concatenate(events)
+        assert len(np.unique(ev)) == len(ev) == s.nevts_total, s.name
+
+
+def test_same_seed_same_arrays_other_seed_different(tmp_path: Path) -> None:
+    samples = ["ttbar__nominal", "single_top_tW"]
+    runs = [generate(tmp_path / name, seed=seed, events_per_file=300, samples=samples)
+            for name, seed in (("a", 5), ("b", 5), ("c", 6))]
+    for sa, sb, sc in zip(*runs, strict=True):
+        a, b, c = (_read(s.files[0].path) for s in (sa, sb, sc))
+        for field in a.fields:
+            assert a[field].type == b[field].type
+            assert ak.to_list(a[field]) == ak.to_list(b[field]), field
+        assert ak.to_list(a.Jet_pt) != ak.to_list(c.Jet_pt)
+        assert np.array_equal(a.event.to_numpy(), c.event.to_numpy())  # numbering is not random
+
+
+def _ang_dist(eta1: ak.Array, phi1: ak.Array, eta2: ak.Array, phi2: ak.Array) -> ak.Array:
+    dphi = (phi1 - phi2 + np.pi) % (2 * np.pi) - np.pi
+    return np.sqrt((eta1 - eta2) ** 2 + dphi**2)
+
+
+def _p4(objs: ak.Array) -> tuple[ak.Array, ak.Array, ak.Array, ak.Array]:
+    px, py = objs.pt * np.cos(objs.phi), objs.pt * np.sin(objs.phi)
+    pz = objs.pt * np.sinh(objs.eta)
+    return np.sqrt(px**2 + py**2 + pz**2 + objs.mass**2), px, py, pz
+
+
+def test_genpart_chain_is_consistent(big: dict[str, dict[str, ak.Array]]) -> None:
+    g = ak.values_astype(big["ttbar__nominal"]["GenPart"], np.float64)
+    mother = ak.values_astype(g.genPartIdxMother, np.int64)
+    idx = ak.local_index(g.pt)
+    assert ak.all(mother < idx)
+    assert ak.all((mother == -1) == (g.status == 21))
+    pdg = ak.values_astype(g.pdgId, np.int64)
+    assert ak.all(ak.sum(pdg == 6, axis=1) == 1) and ak.all(ak.sum(pdg == -6, axis=1) == 1)
+    mpdg = pdg[ak.where(mother >= 0, mother, 0)]
+    b_from_top = (abs(pdg) == 5) & (abs(mpdg) == 6)
+    w_from_top = (abs(pdg) == 24) & (abs(mpdg) == 6)
+    assert ak.all(ak.sum(b_from_top, axis=1) == 2) and ak.all(ak.sum(w_from_top, axis=1) == 2)
+    assert ak.all(np.sign(pdg[b_from_top]) == np.sign(mpdg[b_from_top]))  # t -> b W+, tbar -> bbar W-
+    # b + W four-momenta add up to the top: the chain is kinematically consistent
+    top_m = ak.flatten(g.mass[pdg == 6]).to_numpy()
+    e, px, py, pz = _p4(g[(b_from_top | w_from_top) & (pdg > 0)])
+    m = np.sqrt(ak.sum(e, axis=1) ** 2 - ak.sum(px, axis=1) ** 2 - ak.sum(py, axis=1) ** 2
+                - ak.sum(pz, axis=1) ** 2).to_numpy()
+    assert np.allclose(m, top_m, atol=0.5)
+    assert abs(np.median(top_m) - C.TOP_MASS) < 0.5
+    assert abs(np.median(ak.flatten(g.mass[abs(pdg) == 24])) - C.W_MASS) < 0.5
+    # W daughters are quarks in the hadronic branching fraction (67.6 %)
+    wq = (abs(pdg) <= 4) & (abs(mpdg) == 24)
+    assert 0.64 < ak.mean(ak.sum(wq, axis=1)) / 4 < 0.71
+
+
+def test_jets_from_partons_can_be_truth_matched(big: dict[str, dict[str, ak.Array]]) -> None:
+    d = big["ttbar__nominal"]
+    g, jets = d["GenPart"], d["Jet"]
+    mpdg = g.pdgId[ak.where(g.genPartIdxMother >= 0, g.genPartIdxMother, 0)]
+    b = g[(abs(g.pdgId) == 5) & (abs(mpdg) == 6)]
+    b = b[(b.pt > 50) & (abs(b.eta) < 2.0)]  # well inside the acceptance
+    pairs = ak.cartesian([b, jets], nested=True)
+    dr = _ang_dist(pairs["0"].eta, pairs["0"].phi, pairs["1"].eta, pairs["1"].phi)
+    assert ak.mean(ak.any(dr < 0.4, axis=2)) > 0.9
+    best = ak.argmin(dr, axis=2, keepdims=True)
+    matched = pairs["1"][best]
+    assert ak.mean(ak.flatten(matched.hadronFlavour, axis=None) == 5) > 0.85
+
+
+def _agc_regions(d: dict[str, ak.Array]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AGC v2 event selection written independently of the processor: (4j1b mask, 4j2b mask, m_bjj in 4j2b)."""
+    el, mu, jets = d["Electron"], d["Muon"], d["Jet"]
+    e_ok = (el.pt > C.LEPTON_PT_MIN) & (abs(el.eta) < C.LEPTON_ABS_ETA_MAX) & (el.cutBased == C.ELECTRON_CUTBASED)
+    e_ok = e_ok & (el.sip3d < C.LEPTON_SIP3D_MAX)
+    m_ok = (mu.pt > C.LEPTON_PT_MIN) & (abs(mu.eta) < C.LEPTON_ABS_ETA_MAX) & mu.tightId
+    m_ok = m_ok & (mu.sip3d < C.LEPTON_SIP3D_MAX) & (mu.pfRelIso04_all < C.MUON_ISO_MAX)
+    j_ok = (jets.pt > C.JET_PT_MIN) & (abs(jets.eta) < C.JET_ABS_ETA_MAX) & ((jets.jetId & C.JET_ID_MASK) != 0)
+    jets = jets[j_ok]
+    one_lep = (ak.sum(e_ok, axis=1) + ak.sum(m_ok, axis=1)) == 1
+    nb = ak.sum(jets.btagCSVV2 > C.BTAG_WP, axis=1)
+    four = one_lep & (ak.num(jets) >= C.MIN_JETS)
+    r1, r2 = (four & (nb == 1)).to_numpy(), (four & (nb >= 2)).to_numpy()
+    tri = ak.combinations(jets[r2], 3, fields=["a", "b", "c"])
+    e = px = py = pz = 0
+    for k in ("a", "b", "c"):
+        pe, ppx, ppy, ppz = _p4(tri[k])
+        e, px, py, pz = e + pe, px + ppx, py + ppy, pz + ppz
+    tagged = (tri.a.btagCSVV2 > C.BTAG_WP) | (tri.b.btagCSVV2 > C.BTAG_WP) | (tri.c.btagCSVV2 > C.BTAG_WP)
+    trijet_pt = ak.where(tagged, np.hypot(px, py), -1.0)
+    best = ak.argmax(trijet_pt, axis=1, keepdims=True)
+    mass = np.sqrt(np.maximum(e**2 - px**2 - py**2 - pz**2, 0.0))
+    return r1, r2, ak.flatten(mass[best]).to_numpy()
+
+
+def test_ttbar_4j2b_trijet_mass_peaks_at_top_mass(big: dict[str, dict[str, ak.Array]]) -> None:
+    r1, r2, m_bjj = _agc_regions(big["ttbar__nominal"])
+    assert 0.02 < r2.mean() < 0.10  # a few percent, as in real AGC ttbar
+    assert 0.02 < r1.mean() < 0.15
+    counts, edges = np.histogram(m_bjj, bins=np.arange(50.0, 551.0, 25.0))
+    peak = 0.5 * (edges[np.argmax(counts)] + edges[np.argmax(counts) + 1])
+    assert 150.0 <= peak <= 200.0, f"m_bjj peaks at {peak} GeV"
+    _, w2, _ = _agc_regions(big["wjets__nominal"])
+    assert w2.mean() < 0.1 * r2.mean()  # W+jets rarely has two b tags
+
+
+def test_object_distributions_exercise_the_cuts(big: dict[str, dict[str, ak.Array]]) -> None:
+    jets = big["ttbar__nominal"]["Jet"]
+    jet_id = ak.flatten(jets.jetId).to_numpy()
+    assert set(np.unique(jet_id)) == {0, 2, 6} and np.mean(jet_id == 6) > 0.7
+    pt, eta = ak.flatten(jets.pt).to_numpy(), ak.flatten(jets.eta).to_numpy()
+    assert pt.min() > 15.0 and np.mean((pt > 25) & (pt < 30)) > 0.03  # matters for the JES variation
+    assert 0.05 < np.mean(np.abs(eta) > C.JET_ABS_ETA_MAX) < 0.5
+    btag = ak.flatten(jets.btagCSVV2).to_numpy()
+    assert np.any(btag == np.float32(C.BTAG_WP)) and np.any(btag == -10.0)  # strict cut and "no tracks" matter
+    flav = ak.flatten(jets.hadronFlavour).to_numpy()
+    tagged = btag > C.BTAG_WP
+    assert tagged[flav == 5].mean() > tagged[flav == 4].mean() > 2 * tagged[flav == 0].mean()
+    el = big["ttbar__nominal"]["Electron"]
+    assert set(np.unique(ak.flatten(el.cutBased).to_numpy())) == {0, 1, 2, 3, 4}
+    mu = big["ttbar__nominal"]["Muon"]
+    tight = ak.flatten(mu.tightId).to_numpy()
+    assert 0.2 < tight.mean() < 0.99
+    sip = ak.flatten(mu.sip3d).to_numpy()
+    assert 0.05 < np.mean(sip > C.LEPTON_SIP3D_MAX) < 0.8  # non-prompt muons are displaced
+
+
+def test_radiation_variations_differ_modestly(big: dict[str, dict[str, ak.Array]]) -> None:
+    def n_jets(name: str) -> float:
+        j = big[name]["Jet"]
+        return float(ak.mean(ak.sum((j.pt > 30) & (abs(j.eta) < 2.4), axis=1)))
+
+    up, nom, down = n_jets("ttbar__scaleup"), n_jets("ttbar__nominal"), n_jets("ttbar__scaledown")
+    assert down < nom < up
+    assert up / down < 1.3
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="events per file"):
+        generate(tmp_path, events_per_file=0)
+    with pytest.raises(ValueError, match="seed"):
+        generate(tmp_path, seed=-1)
+    with pytest.raises(ValueError, match="unknown sample"):
+        generate(tmp_path, samples=["zjets"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "gen"
+    res = runner.invoke(main, ["generate", str(out), "--events-per-file", "150", "--files-per-sample", "2",
+                               "--seed", "3", "--samples", "wjets", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    cat = load_catalog(out / "ntuples.json")
+    assert cat.names == ["wjets__nominal"] and cat.nevts == 300
+    res = runner.invoke(main, ["generate", str(out), "--samples", "zjets"])
+    assert res.exit_code == 1 and "unknown sample" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(main, ["generate", str(out), "--events-per-file", "0"])
+    assert res.exit_code != 0
