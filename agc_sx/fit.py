@@ -1,13 +1,14 @@
-"""The AGC statistical model: a cabinetry configuration built from ``histograms.root`` and a fit of ``ttbar_norm``.
+"""The AGC statistical model: a cabinetry configuration built from ``histograms.root``, and the fit.
 
-The model follows the AGC v2 ``cabinetry_config.yml``: both regions rebinned to 11 bins of 40 GeV, ttbar scaled by
-the free ``ttbar_norm``, and the AGC systematics as HistFactory modifiers. cabinetry reads ROOT histograms through a
-path template, so we first write the rebinned histograms (and nothing else) into the output folder and point the
-generated configuration at that file; the fit then sees exactly the binning the plots show.
+The model follows the AGC v2 ``cabinetry_config.yml``: both regions rebinned to 11 bins of 40 GeV, ttbar
+scaled by the free ``ttbar_norm``, and the AGC systematics as HistFactory modifiers. cabinetry reads ROOT
+histograms through a path template, so we first write the rebinned histograms (and nothing else) into the
+output folder and point the generated configuration at that file; the fit then sees exactly the binning the
+plots show.
 
-The uncertainty on ``ttbar_norm`` is reported as a MINOS interval (default) or from a profile-likelihood scan: on
-systematics-dominated inputs Minuit's Hesse error is not trustworthy (it jumps by an order of magnitude between
-pseudodata sets), so it is only recorded for reference.
+The uncertainty on ``ttbar_norm`` is a MINOS interval (default) or comes from the profile likelihood: on
+systematics-dominated inputs Minuit's Hesse error is not trustworthy (it jumps by an order of magnitude
+between pseudodata sets), so it is only recorded for reference.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from .constants import (
     BTAG_VARIATIONS,
     FIT_RANGE,
     FIT_REBIN,
+    HIST_BINS,
+    HIST_RANGE,
     LUMI_UNCERTAINTY,
     OBSERVABLES,
     PROCESSES,
@@ -86,8 +89,10 @@ class FitResult:
     config: Path
     workspace: Path
     plots: tuple[Path, ...] = ()
-    substituted: tuple[str, ...] = field(default=())  #: optional templates absent from the input (nominal used)
-    left_out: tuple[str, ...] = field(default=())  #: ``{region}_{process}`` without events in the fit range
+    #: optional templates absent from the input or empty in the fit range (their nominal was used)
+    substituted: tuple[str, ...] = field(default=())
+    #: ``{region}_{process}`` without events in the fit range, left out of that region
+    left_out: tuple[str, ...] = field(default=())
 
     def summary(self) -> str:
         """One line for humans, e.g. ``ttbar_norm = 1.300 +0.131 -0.112 (MINOS)``."""
@@ -97,7 +102,7 @@ class FitResult:
         return f"{POI} = {self.value:.3f} +{self.error_up:.3f} -{self.error_down:.3f} ({label})"
 
 
-# --- histograms ------------------------------------------------------------------------------------------------
+# --- histograms ---------------------------------------------------------------------------------------------
 
 
 def histogram_key(region: str, process: str, variation: str | None = None) -> str:
@@ -120,11 +125,12 @@ def read_histogram(file: Any, key: str, source: Path | str = "histograms file") 
 
 
 def rebin_for_fit(h: Histogram1D) -> Histogram1D:
-    """Drop the bins below ``FIT_RANGE[0]`` and merge ``FIT_REBIN`` neighbours (AGC: ``h[110j::hist.rebin(2)]``)."""
+    """Drop the bins below ``FIT_RANGE[0]``, merge ``FIT_REBIN`` neighbours (AGC: ``h[110j::hist.rebin(2)]``)."""
     lo, hi = FIT_RANGE
     start = np.flatnonzero(np.isclose(h.edges, lo))
     if start.size != 1 or not math.isclose(h.edges[-1], hi):
-        raise FitError(f"binning {h.edges[0]:g}-{h.edges[-1]:g} GeV has no bin edge at {lo:g} or does not end at {hi:g}")
+        raise FitError(f"binning {h.edges[0]:g}-{h.edges[-1]:g} GeV has no bin edge at {lo:g} "
+                       f"or does not end at {hi:g}")
     first = int(start[0])
     n_kept = len(h.values) - first
     if n_kept % FIT_REBIN:
@@ -134,12 +140,12 @@ def rebin_for_fit(h: Histogram1D) -> Histogram1D:
     return Histogram1D(values=values, variances=variances, edges=h.edges[first::FIT_REBIN].copy())
 
 
-# --- the model -------------------------------------------------------------------------------------------------
+# --- the model ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Systematic:
-    """One AGC systematic: which samples it affects and which variation histograms (None = symmetrise / norm)."""
+    """One AGC systematic: the samples it affects and its variation histograms (None: symmetrise / norm)."""
 
     name: str
     samples: tuple[str, ...]
@@ -187,11 +193,12 @@ def optional_keys() -> list[str]:
 
 def build_config(input_file: Path, histogram_folder: Path,
                  sample_regions: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
-    """The cabinetry configuration of the AGC model, reading ``{region}_{process}[_{variation}]`` from ``input_file``.
+    """The cabinetry configuration of the AGC model, reading ``{region}_{process}[_{variation}]`` histograms.
 
-    ``sample_regions`` restricts processes to some regions (all by default); a process in no region is left out.
+    ``sample_regions`` restricts processes to some regions (all by default); a process in none is left out.
     """
-    regions_of = {p: list(REGIONS) for p in PROCESSES} | {p: list(r) for p, r in (sample_regions or {}).items()}
+    regions_of = {p: list(REGIONS) for p in PROCESSES}
+    regions_of |= {p: list(r) for p, r in (sample_regions or {}).items()}
     mc = [p for p in PROCESSES if regions_of[p]]
     config: dict[str, Any] = {
         "General": {
@@ -211,7 +218,7 @@ def build_config(input_file: Path, histogram_folder: Path,
             for region in REGIONS
         ],
         "Samples": [{"Name": DATA_SAMPLE, "SamplePath": DATA_SAMPLE, "Data": True}]
-        + [{"Name": p, "SamplePath": p} | ({} if len(regions_of[p]) == len(REGIONS) else {"Regions": regions_of[p]})
+        + [{"Name": p, "SamplePath": p} | ({"Regions": regions_of[p]} if len(regions_of[p]) < len(REGIONS) else {})
            for p in mc],
         "NormFactors": [
             {"Name": POI, "Samples": "ttbar", "Nominal": POI_NOMINAL, "Bounds": list(POI_BOUNDS)}
@@ -240,7 +247,7 @@ def build_config(input_file: Path, histogram_folder: Path,
 
 
 def validate_config(config: dict[str, Any]) -> None:
-    """Check ``config`` against cabinetry's schema (and its extra checks); raise :class:`FitError` if invalid."""
+    """Check ``config`` with cabinetry's schema and extra checks; raise :class:`FitError` if invalid."""
     import cabinetry
     import jsonschema
 
@@ -252,9 +259,8 @@ def validate_config(config: dict[str, Any]) -> None:
 
 
 def _fit_edges() -> np.ndarray:
+    """Bin edges of the fit: 40 GeV bins from 110 to 550 GeV (rebinned 20 GeV bins of ``histograms.root``)."""
     lo, hi = FIT_RANGE
-    from .constants import HIST_BINS, HIST_RANGE
-
     width = (HIST_RANGE[1] - HIST_RANGE[0]) / HIST_BINS * FIT_REBIN
     return np.linspace(lo, hi, round((hi - lo) / width) + 1)
 
@@ -264,24 +270,25 @@ class FitInputs:
     """What :func:`write_fit_inputs` wrote, and where it had to deviate from the full model."""
 
     path: Path
-    #: regions in which each process has a positive yield in the fit range (a sample is left out where it has none)
+    #: regions in which each process has a positive yield in the fit range (it is left out of the others)
     sample_regions: dict[str, tuple[str, ...]]
-    #: variation keys absent from the input (zero sum) or without a positive yield in the fit range: nominal used
+    #: variation keys absent from the input (zero sum) or without a positive yield in the fit range
     substituted: tuple[str, ...]
 
 
 def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
     """Write the rebinned histograms the model needs to ``target``.
 
-    A variation histogram is absent when its sum of weights is zero; its nominal is written in its place so that the
-    modifier exists but has no effect, and the substitution is reported. The same holds for a variation without a
-    positive yield in the fit range (its normalisation effect would be log(0)). A process without a positive yield in
-    the fit range of a region is left out of that region, which HistFactory cannot normalise otherwise.
+    A variation histogram is absent when its sum of weights is zero; its nominal is written in its place so that
+    the modifier exists but has no effect, and the substitution is reported. The same holds for a variation
+    without a positive yield in the fit range (its normalisation effect would be log(0)). A process without a
+    positive yield in the fit range of a region is left out of that region (HistFactory cannot normalise it).
     """
     import hist
 
     if not histograms.is_file():
         raise FitError(f"{histograms}: no such file")
+    edges = _fit_edges()
     substituted: list[str] = []
     out: dict[str, Histogram1D] = {}
     try:
@@ -292,9 +299,13 @@ def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
     def load(key: str) -> Histogram1D:
         h = read_histogram(f, key, histograms)
         try:
-            return rebin_for_fit(h)
+            rebinned = rebin_for_fit(h)
         except FitError as err:
             raise FitError(f"{histograms}: histogram '{key}': {err}") from None
+        if len(rebinned.edges) != len(edges) or not np.allclose(rebinned.edges, edges):
+            raise FitError(f"{histograms}: histogram '{key}' does not rebin to the fit binning "
+                           f"({len(edges) - 1} bins from {edges[0]:g} to {edges[-1]:g} GeV)")
+        return rebinned
 
     with f:
         present = set(f.keys(cycle=False))
@@ -313,7 +324,8 @@ def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
         p: tuple(r for r in REGIONS if out[histogram_key(r, p)].values.sum() > 0) for p in PROCESSES
     }
     if not sample_regions["ttbar"]:
-        raise FitError(f"{histograms}: ttbar has no events in the fit range ({FIT_RANGE[0]:g}-{FIT_RANGE[1]:g} GeV)")
+        lo, hi = FIT_RANGE
+        raise FitError(f"{histograms}: ttbar has no events in the fit range ({lo:g}-{hi:g} GeV)")
     with atomic_path(target) as tmp, uproot.recreate(tmp) as w:
         for key, h in out.items():
             bh = hist.Hist(hist.axis.Variable(h.edges), storage=hist.storage.Weight())
@@ -328,7 +340,9 @@ def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
 
 
 def _left_out(sample_regions: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
-    return tuple(histogram_key(r, p) for p, regions in sample_regions.items() for r in REGIONS if r not in regions)
+    return tuple(
+        histogram_key(r, p) for p, regions in sample_regions.items() for r in REGIONS if r not in regions
+    )
 
 
 def _nominal_of(key: str) -> tuple[str, str]:
@@ -339,11 +353,11 @@ def _nominal_of(key: str) -> tuple[str, str]:
     raise AssertionError(key)  # pragma: no cover - keys come from optional_keys()
 
 
-# --- the fit ---------------------------------------------------------------------------------------------------
+# --- the fit ------------------------------------------------------------------------------------------------
 
 
 def run_fit(histograms: Path, output_dir: Path, *, interval: str = "minos", plots: bool = True) -> FitResult:
-    """Build the AGC model from ``histograms``, fit ``ttbar_norm`` and write config, workspace, results and plots."""
+    """Build the AGC model from ``histograms``, fit ``ttbar_norm``; write config, workspace, results, plots."""
     if interval not in INTERVALS:
         raise FitError(f"unknown interval method '{interval}' (choose from {', '.join(INTERVALS)})")
     import cabinetry
@@ -374,7 +388,8 @@ def run_fit(histograms: Path, output_dir: Path, *, interval: str = "minos", plot
             down, up = fit_results.minos_uncertainty[POI]
             err_down, err_up = -float(down), float(up)
         else:
-            lo, hi = profile_interval(model, data, fit_results.bestfit, float(fit_results.best_twice_nll), hesse)
+            twice_nll = float(fit_results.best_twice_nll)
+            lo, hi = profile_interval(model, data, fit_results.bestfit, twice_nll, hesse)
             err_down, err_up = value - lo, hi - value
     except pyhf.exceptions.FailedMinimization as err:
         raise FitError(f"the fit did not converge ({histograms}): {str(err).splitlines()[0]}") from err
@@ -390,14 +405,14 @@ def run_fit(histograms: Path, output_dir: Path, *, interval: str = "minos", plot
     return result
 
 
-def profile_interval(model: Any, data: Sequence[float], bestfit: Sequence[float], best_twice_nll: float,
-                     step: float) -> tuple[float, float]:
+def profile_interval(model: Any, data: Sequence[float], bestfit: Sequence[float] | np.ndarray,
+                     best_twice_nll: float, step: float) -> tuple[float, float]:
     """Where the profile likelihood of the POI rises by Δ(−2 ln L) = 1 on either side of the best fit.
 
     Each point is a fit with the POI fixed, started from the global best fit. The crossing of
-    sqrt(Δ(−2 ln L)) = 1 (close to linear in the POI, so Brent's method needs few points) is bracketed by growing
-    steps from ``step`` (e.g. the Hesse error) and then solved to 1e-4; an interval reaching a parameter bound ends
-    there. Unlike a scan on a grid, the result does not depend on the grid.
+    sqrt(Δ(−2 ln L)) = 1 (close to linear in the POI, so Brent's method needs few points) is bracketed by
+    growing steps from ``step`` (e.g. the Hesse error) and then solved to 1e-4; an interval reaching a
+    parameter bound ends there. Unlike a scan on a grid, the result does not depend on the grid.
     """
     import pyhf
     from scipy.optimize import brentq
@@ -413,7 +428,8 @@ def profile_interval(model: Any, data: Sequence[float], bestfit: Sequence[float]
         if mu not in cache:
             init = [float(x) for x in bestfit]
             init[poi] = mu
-            _, twice_nll = pyhf.infer.mle.fixed_poi_fit(mu, data_t, model, init_pars=init, return_fitted_val=True)
+            _, twice_nll = pyhf.infer.mle.fixed_poi_fit(mu, data_t, model, init_pars=init,
+                                                         return_fitted_val=True)
             cache[mu] = math.sqrt(max(float(twice_nll) - best_twice_nll, 0.0)) - 1.0
         return cache[mu]
 
@@ -451,12 +467,13 @@ def _fit_plots(model: Any, data: Sequence[float], fit_results: Any, config: dict
         plt.close(fig)
         saved.append(path)
 
-    save(cabinetry.visualize.pulls(fit_results, exclude=[POI], save_figure=False, close_figure=False), "pulls.png")
+    pulls = cabinetry.visualize.pulls(fit_results, exclude=[POI], save_figure=False, close_figure=False)
+    save(pulls, "pulls.png")
     for label, prediction in (
         ("prefit", cabinetry.model_utils.prediction(model)),
         ("postfit", cabinetry.model_utils.prediction(model, fit_results=fit_results)),
     ):
-        figures = cabinetry.visualize.data_mc(prediction, data, config=config, save_figure=False,
+        figures = cabinetry.visualize.data_mc(prediction, list(data), config=config, save_figure=False,
                                               close_figure=False) or []
         for entry in figures:
             save(entry["figure"], f"{entry['region']}_{label}.png")
@@ -496,11 +513,6 @@ def _write_results(result: FitResult, fit_results: Any, histograms: Path) -> Non
     atomic_write_text(result.results, json.dumps(doc, indent=1) + "\n")
 
 
-def needed_keys() -> Iterable[str]:
-    """Every key the fit reads (required first); used in error messages and by the demo."""
-    return (*required_keys(), *optional_keys())
-
-
 __all__: list[str] = [
     "INTERVALS",
     "MEASUREMENT",
@@ -512,7 +524,6 @@ __all__: list[str] = [
     "Systematic",
     "build_config",
     "histogram_key",
-    "needed_keys",
     "optional_keys",
     "profile_interval",
     "read_histogram",

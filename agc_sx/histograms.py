@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import hist
 import numpy as np
@@ -156,7 +157,7 @@ def to_th1d(name: str, h: hist.Hist) -> object:
     from uproot.writing.identify import to_TAxis, to_TH1x
 
     axis = h.axes[0]
-    view = h.view(flow=True)
+    view: Any = h.view(flow=True)
     values = np.ascontiguousarray(view["value"], dtype=np.float64)
     variances = np.ascontiguousarray(view["variance"], dtype=np.float64)
     centers = np.asarray(axis.centers, dtype=np.float64)
@@ -173,7 +174,6 @@ def write_root(path: Path, hists: Mapping[str, hist.Hist]) -> None:
     """Write histograms as TH1D (with sumw2) atomically: a failed write leaves no (partial) file behind."""
     import uproot
 
-    with atomic_path(path) as tmp:
-        with uproot.recreate(tmp) as f:
-            # one update() writes the directory once, instead of once per key (quadratic for ~1300 keys)
-            f.update({key: to_th1d(key, hists[key]) for key in sorted(hists)})
+    with atomic_path(path) as tmp, uproot.recreate(tmp) as f:
+        # one update() writes the directory once, instead of once per key (quadratic for ~1300 keys)
+        f.update({key: to_th1d(key, hists[key]) for key in sorted(hists)})

@@ -1,8 +1,8 @@
 """Plots of ``histograms.root``: stacked MC against pseudodata, ttbar variations, and the ML observables.
 
-Figures are built as :class:`matplotlib.figure.Figure` objects without pyplot, so they render with the Agg canvas
-whatever backend the caller has, hold no global state, and can be inspected (tests read the bar heights back from
-the artists). The 4j1b region is shown with the fit's binning, so the plot is what the fit sees.
+Figures are built as :class:`matplotlib.figure.Figure` objects without pyplot, so they render with the Agg
+canvas whatever backend the caller has, hold no global state, and can be inspected (tests read the bar heights
+back from the artists). The 4j1b region is shown with the fit's binning, so the plot is what the fit sees.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class Plot:
     figure: Figure
 
 
-# --- reading ---------------------------------------------------------------------------------------------------
+# --- reading ------------------------------------------------------------------------------------------------
 
 
 def _read(file: Any, key: str, source: Path) -> Histogram1D:
@@ -141,7 +141,7 @@ def _open(path: Path) -> Iterator[Any]:
         yield f
 
 
-# --- drawing ---------------------------------------------------------------------------------------------------
+# --- drawing ------------------------------------------------------------------------------------------------
 
 
 def _style() -> Any:
@@ -149,19 +149,29 @@ def _style() -> Any:
 
 
 def _label(ax: Any) -> None:
-    """The experiment label: CMS Open Data simulation (the pseudodata is simulated too) at 13 TeV."""
-    mplhep.cms.label("Open Data", data=False, lumi=round(LUMI_PB / 1000.0, 3), com=13, ax=ax, fontsize=20)
+    """The experiment label above the axes: CMS Simulation Open Data (the pseudodata is simulated too).
+
+    Drawn as three texts, the suffix anchored to the end of "CMS" (mplhep's own label leaves no gap between
+    the two with the fonts available here).
+    """
+    size = matplotlib.rcParams["font.size"]
+    exp = ax.text(0.0, 1.01, "CMS", transform=ax.transAxes, ha="left", va="bottom", fontweight="bold",
+                  fontsize=1.3 * size)
+    ax.annotate("Simulation Open Data", xy=(1.0, 0.0), xycoords=exp, xytext=(0.35 * size, 0.0),
+                textcoords="offset points", ha="left", va="bottom", fontstyle="italic", fontsize=size)
+    ax.text(1.0, 1.01, rf"{LUMI_PB / 1000.0:.3f} fb$^{{-1}}$ (13 TeV)", transform=ax.transAxes, ha="right",
+            va="bottom", fontsize=0.85 * size)
 
 
 def _ratio_axes(fig: Figure) -> tuple[Any, Any]:
     main_ax, ratio_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1), "hspace": 0.06})
-    fig.subplots_adjust(left=0.16, right=0.96, top=0.93, bottom=0.1)
+    fig.subplots_adjust(left=0.13, right=0.97, top=0.93, bottom=0.1)
     return main_ax, ratio_ax
 
 
 def _draw_stack(ax: Any, mc: Mapping[str, Histogram1D], data: Histogram1D | None,
                 title: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Stack ``mc`` (the first process on top) with data points; return the total MC and its stat. variance."""
+    """Stack ``mc`` (first process on top) with data points; return the total MC and its stat. variance."""
     order = list(mc)[::-1]  # smallest at the bottom, the signal on top
     edges = next(iter(mc.values())).edges
     mplhep.histplot(
@@ -178,8 +188,8 @@ def _draw_stack(ax: Any, mc: Mapping[str, Histogram1D], data: Histogram1D | None
         mplhep.histplot(data.values, edges, yerr=np.sqrt(np.clip(data.values, 0, None)), histtype="errorbar",
                         color="black", label="Pseudodata", ax=ax)
     handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles[::-1], labels[::-1], fontsize="x-small", title_fontsize="small", loc="upper right", ncol=2,
-              title=title, alignment="left")
+    ax.legend(handles[::-1], labels[::-1], fontsize="x-small", title_fontsize="small", loc="upper right",
+              ncol=2, title=title, alignment="left")
     ax.set_xlim(edges[0], edges[-1])
     top = max(total.max(), data.values.max() if data is not None else 0.0)
     ax.set_ylim(0, 1.5 * top if top > 0 else 1)
@@ -189,14 +199,14 @@ def _draw_stack(ax: Any, mc: Mapping[str, Histogram1D], data: Histogram1D | None
 def stack_figure(region: str, mc: Mapping[str, Histogram1D], data: Histogram1D, xlabel: str) -> Figure:
     """Stacked MC with pseudodata points and a data/MC ratio panel."""
     with _style():
-        fig = Figure(figsize=(10, 10))
+        fig = Figure(figsize=(12, 10))
         ax, rax = _ratio_axes(fig)
         total, variance = _draw_stack(ax, mc, data, title=region)
         edges = data.edges
         safe = np.where(total > 0, total, np.nan)
         rel = np.sqrt(variance) / safe
-        rax.stairs(1 + rel, edges, baseline=1 - rel, fill=True, facecolor="none", edgecolor="0.3", hatch="////",
-                   linewidth=0)
+        rax.stairs(1 + rel, edges, baseline=1 - rel, fill=True, facecolor="none", edgecolor="0.3",
+                   hatch="////", linewidth=0)
         mplhep.histplot(data.values / safe, edges, yerr=np.sqrt(np.clip(data.values, 0, None)) / safe,
                         histtype="errorbar", color="black", ax=rax)
         rax.axhline(1.0, color="0.4", linestyle="--", linewidth=1)
@@ -213,12 +223,13 @@ def variation_figure(region: str, nominal: Histogram1D, variations: Mapping[str,
                      title: str) -> Figure:
     """ttbar variations against nominal, with the variation/nominal ratio below."""
     with _style():
-        fig = Figure(figsize=(10, 10))
+        fig = Figure(figsize=(12, 10))
         ax, rax = _ratio_axes(fig)
         edges = nominal.edges
-        mplhep.histplot(nominal.values, edges, histtype="step", color="black", linewidth=2, label="nominal", ax=ax)
+        mplhep.histplot(nominal.values, edges, histtype="step", color="black", linewidth=2, label="nominal",
+                        ax=ax)
         safe = np.where(nominal.values > 0, nominal.values, np.nan)
-        colors = matplotlib.colormaps["tab10"].colors
+        colors = [matplotlib.colormaps["tab10"](i) for i in range(10)]
         pairs: dict[str, int] = {}  # up and down of one source share a colour
         for name, h in variations.items():
             index = pairs.setdefault(name.removesuffix("up").removesuffix("down"), len(pairs))
@@ -252,7 +263,7 @@ def ml_grid_figure(features: Mapping[str, tuple[Mapping[str, Histogram1D], Histo
         axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
         for ax, (feature, (mc, data)) in zip(axes, features.items(), strict=False):
             _draw_stack(ax, mc, data)
-            ax.minorticks_off()  # small panels: major ticks suffice (and minor ones dominate the drawing time)
+            ax.minorticks_off()  # small panels: major ticks suffice (minor ones dominate the drawing time)
             ax.set_xlabel(ML_FEATURES.get(feature, feature), fontsize="small")
             ax.tick_params(labelsize="x-small")
             ax.yaxis.get_offset_text().set_fontsize("x-small")
@@ -273,7 +284,7 @@ def ml_grid_figure(features: Mapping[str, tuple[Mapping[str, Histogram1D], Histo
     return fig
 
 
-# --- the command -----------------------------------------------------------------------------------------------
+# --- the command --------------------------------------------------------------------------------------------
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -282,7 +293,7 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def ml_input(histograms: Path, ml: Path | None = None) -> Path | None:
-    """The ML histogram file to draw: ``ml`` if given (it must exist), else ``histograms_ml.root`` beside ``histograms``."""
+    """The ML histogram file to draw: ``ml`` if given (must exist), else ``histograms_ml.root`` if present."""
     if ml is not None:
         if not Path(ml).is_file():
             raise PlotError(f"{ml}: no such file")
@@ -294,8 +305,8 @@ def ml_input(histograms: Path, ml: Path | None = None) -> Path | None:
 def plot_all(histograms: Path, output_dir: Path, *, ml: Path | None = None) -> list[Plot]:
     """Write every plot of ``histograms`` (and of the ML file, if any) into ``output_dir``; return them.
 
-    ``ml`` defaults to ``histograms_ml.root`` next to ``histograms``; the ML grid is drawn only if that file exists
-    (an explicitly given ``ml`` must exist).
+    ``ml`` defaults to ``histograms_ml.root`` next to ``histograms``; the ML grid is drawn only if that file
+    exists (an explicitly given ``ml`` must exist).
     """
     histograms = Path(histograms)
     output_dir = Path(output_dir)
@@ -306,7 +317,9 @@ def plot_all(histograms: Path, output_dir: Path, *, ml: Path | None = None) -> l
         present = set(f.keys(cycle=False))
         for region in REGIONS:
             xlabel = OBSERVABLE_LABELS.get(OBSERVABLES[region], OBSERVABLES[region])
-            mc = {p: region_histogram(_read(f, histogram_key(region, p), histograms), region) for p in PROCESSES}
+            mc = {
+                p: region_histogram(_read(f, histogram_key(region, p), histograms), region) for p in PROCESSES
+            }
             data = region_histogram(_read(f, f"{region}_{DATA}", histograms), region)
             figures.append((f"{region}_stack", stack_figure(region, mc, data, xlabel)))
             for group, names in VARIATION_GROUPS.items():
@@ -318,8 +331,8 @@ def plot_all(histograms: Path, output_dir: Path, *, ml: Path | None = None) -> l
                 if not variations:
                     log.warning("%s: no ttbar %s variations, plot skipped", region, group)
                     continue
-                figures.append((f"{region}_ttbar_variations_{group}",
-                                variation_figure(region, mc["ttbar"], variations, xlabel, VARIATION_TITLES[group])))
+                fig = variation_figure(region, mc["ttbar"], variations, xlabel, VARIATION_TITLES[group])
+                figures.append((f"{region}_ttbar_variations_{group}", fig))
 
     if ml_path is not None:
         with _open(ml_path) as f:

@@ -170,7 +170,7 @@ def analyse_events(events: Any, process: str, variation: str, weight: float, *,
     return out
 
 
-class AGCProcessor(processor.ProcessorABC):  # type: ignore[misc]
+class AGCProcessor(processor.ProcessorABC):
     """coffea processor: one :class:`ChunkResult` per chunk, keyed so that merging order is canonical.
 
     ``samples`` maps the fileset name (``process__variation``) to (process, variation, weight). The BDT models

@@ -95,7 +95,7 @@ def check_parquet_schema(path: Path, columns: Iterable[str]) -> None:
             raise SchemaError(f"{path}: column {name} is {schema.field(name).type}, expected {want}")
 
 
-class AGCSkimSchema(BaseSchema):  # type: ignore[misc]
+class AGCSkimSchema(BaseSchema):
     """coffea schema for the delivered skim: ``Jet``, ``Electron``, ``Muon`` as PtEtaPhiM collections.
 
     Branches that belong to no collection (``run``, ``event``, ``nJet`` ...) stay top-level fields. Columns

@@ -205,17 +205,33 @@ def test_fit_recovers_injected_signal_strength(toy_file: Path, tmp_path: Path) -
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
 
-def test_profile_scan_interval_on_fluctuated_pseudodata(tmp_path: Path) -> None:
-    """Poisson-fluctuated pseudodata with a missing optional template: the profile-likelihood interval covers 1.3."""
+def test_profile_scan_on_fluctuated_pseudodata_with_sparse_inputs(tmp_path: Path) -> None:
+    """Poisson-fluctuated pseudodata; the profile-likelihood interval covers the injected 1.3.
+
+    The inputs are as sparse as a small run makes them: one optional template absent, one empty in the fit range,
+    and a process with no events above 110 GeV in 4j2b (left out of that region instead of breaking the fit).
+    """
     path = tmp_path / "histograms.root"
-    dropped = "4j2b_single_top_s_chan_btag_var_3_down"
-    write_toy_histograms(path, mu=1.3, seed=7, drop=[dropped])
+    contents = toy_histograms()
+    below_fit_range = {k: np.where(np.arange(HIST_BINS) < 3, v, 0.0) for k, v in contents.items()
+                       if k.startswith("4j2b_single_top_s_chan")}
+    empty_key = "4j1b_single_top_s_chan_btag_var_0_up"
+    below_fit_range[empty_key] = np.where(np.arange(HIST_BINS) < 3, contents[empty_key], 0.0)
+    dropped = "4j1b_single_top_tW_btag_var_3_down"
+    write_toy_histograms(path, mu=1.3, seed=7, drop=[dropped], extra=below_fit_range)
+
     result = run_fit(path, tmp_path / "fit", interval="profile", plots=False)
-    assert result.substituted == (dropped,)
+    assert set(result.substituted) == {dropped, empty_key}
+    assert result.left_out == ("4j2b_single_top_s_chan",)
     assert result.value - 2 * result.error_down < 1.3 < result.value + 2 * result.error_up
     assert 0.005 < result.error_down < 0.5 and 0.005 < result.error_up < 0.5
     assert "profile-likelihood" in result.summary()
-    assert json.loads(result.results.read_text())["substituted_templates"] == [dropped]
+    doc = json.loads(result.results.read_text())
+    assert doc["interval"]["method"] == "profile" and doc["samples_left_out"] == ["4j2b_single_top_s_chan"]
+    config = yaml.safe_load(result.config.read_text())
+    validate_config(config)
+    (s_chan,) = [s for s in config["Samples"] if s["Name"] == "single_top_s_chan"]
+    assert s_chan["Regions"] == ["4j1b"]
 
 
 def test_missing_required_key_is_a_clear_error(tmp_path: Path) -> None:

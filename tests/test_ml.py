@@ -299,13 +299,24 @@ def test_training_on_a_tiny_generated_sample(generated_ttbar: Path, tmp_path: Pa
     assert (tmp_path / "again" / "model_even.json").read_bytes() == (tmp_path / "models" / "model_even.json").read_bytes()
 
 
-def test_train_cli_errors(tmp_path: Path) -> None:
+def test_train_cli(generated_ttbar: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from agc_sx.cli import main
 
+    out = tmp_path / "cli_models"
+    result = CliRunner().invoke(main, ["train", "--catalog", str(generated_ttbar.parent / "ntuples.json"),
+                                       "--events", "4000", "--output", str(out), "--seed", "2", "--rounds", "4",
+                                       "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "from 4,000 events" in result.output and "trijet max-pT" in result.output
+    assert BDTModels.load(out).even.num_boosted_rounds() == 4
     result = CliRunner().invoke(main, ["train", "--catalog", str(tmp_path / "missing.json")])
     assert result.exit_code == 1 and "cannot read catalogue" in result.output
+    result = CliRunner().invoke(main, ["train", "--catalog", str(generated_ttbar.parent / "ntuples.json"),
+                                       "--events", "50", "--output", str(tmp_path / "few")])
+    assert result.exit_code == 1 and "use more events" in result.output
+    assert not (tmp_path / "few" / "model_even.json").exists()
 
 
 def test_shipped_models_beat_trijet_on_fresh_events(generated_ttbar: Path) -> None:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import awkward as ak
 import numpy as np
 
-from agc_sx.selection import Collection, REGION_4J1B, REGION_4J2B, NO_REGION, electron_mask, muon_mask, select_events
+from agc_sx.selection import (
+    NO_REGION,
+    REGION_4J1B,
+    REGION_4J2B,
+    Collection,
+    electron_mask,
+    muon_mask,
+    select_events,
+)
 from agc_sx.systematics import btag_weight_factors, jer_factors, pt_scale_up
 
 F32 = np.float32
@@ -93,7 +101,7 @@ def test_jer_factors_deterministic_and_chunk_independent() -> None:
     n = 20000
     run = np.ones(n, np.uint32)
     lumi = rng.integers(1, 100, n).astype(np.uint32)
-    event = rng.permutation(10**9)[:n].astype(np.uint64)
+    event = np.unique(rng.integers(0, 2**40, n + 100))[:n].astype(np.uint64)
     counts = rng.integers(0, 10, n)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     f = jer_factors(run, lumi, event, offsets)
@@ -111,7 +119,6 @@ def test_jer_factors_deterministic_and_chunk_independent() -> None:
     # Gaussian with mean 1, sigma 0.05; different jets of an event differ
     assert abs(f.mean() - 1) < 3 * 0.05 / np.sqrt(len(f))
     assert abs(f.std() - 0.05) < 0.002
-    assert np.mean(np.abs(f - 1) > 0.1) == np.float64(np.mean(np.abs(f - 1) > 0.1))  # finite
     assert 0.04 < np.mean(np.abs(f - 1) > 0.1) < 0.051  # two-sided 2 sigma tail ~ 4.55 %
     assert len(np.unique(f)) == len(f)
 

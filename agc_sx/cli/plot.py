@@ -16,8 +16,8 @@ from ._group import main, user_errors
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("plots"),
               show_default=True, help="Folder for the PNG files.")
 @click.option("--ml", "ml_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help=f"ML histograms for the grid of BDT observables [default: {ML_FILENAME} next to HISTOGRAMS, "
-                   "if present].")
+              help="ML histograms for the grid of BDT observables "
+                   f"[default: {ML_FILENAME} next to HISTOGRAMS, if present].")
 @user_errors(PlotError)
 def plot(histograms: Path, output_dir: Path, ml_path: Path | None) -> None:
     """Draw HISTOGRAMS (from `agc-sx process`): stacks with pseudodata, ttbar variations, ML observables."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..catalogue import CatalogError, load_catalog
-from ._group import main, user_errors
+from ._group import fail, main, user_errors
 
 
 @main.command("train")
@@ -20,12 +20,20 @@ from ._group import main, user_errors
 @click.option("--seed", type=click.IntRange(min=0), default=1, show_default=True, help="XGBoost random seed.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="XGBoost threads [default: all cores].")
-@user_errors(CatalogError, ValueError, OSError)
-def train_command(catalog_path: Path, events: int | None, output: Path, seed: int, threads: int | None) -> None:
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="Boosting rounds per model [default: 200, see agc_sx.ml.HYPERPARAMETERS].")
+@user_errors(CatalogError, OSError)
+def train_command(catalog_path: Path, events: int | None, output: Path, seed: int, threads: int | None,
+                  rounds: int | None) -> None:
     """Train the two crossed jet–parton assignment BDTs (even / odd event numbers) on truth-matched ttbar."""
-    from ..ml import train
+    from ..ml import ModelError, TrainingError, train  # heavy (xgboost, numba): only when training
 
-    report = train(load_catalog(catalog_path), events=events, output=output, seed=seed, nthread=threads)
+    catalog = load_catalog(catalog_path)
+    try:
+        report = train(catalog, events=events, output=output, seed=seed, nthread=threads, num_boost_round=rounds)
+    except (TrainingError, ModelError) as err:
+        fail(str(err))
+        return
     click.echo(
         f"trained on {report.events_matched:,} truth-matched 4j2b events ({report.permutations:,} permutations) "
         f"from {report.events_read:,} events in {report.train_seconds:.0f} s"
