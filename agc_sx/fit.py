@@ -50,7 +50,7 @@ POI_BOUNDS = (0.0, 10.0)
 DATA_SAMPLE = "pseudodata"
 #: Ways to quote the ``ttbar_norm`` interval; both are profile-likelihood based (Δ(−2 ln L) = 1).
 INTERVALS = ("minos", "profile")
-INTERVAL_LABELS = {"minos": "MINOS", "profile": "profile-likelihood scan"}
+INTERVAL_LABELS = {"minos": "MINOS", "profile": "profile-likelihood interval"}
 
 #: Names of the files ``run_fit`` writes into its output folder.
 CONFIG_NAME = "cabinetry_config.yml"
@@ -73,6 +73,12 @@ class Histogram1D:
     values: np.ndarray
     variances: np.ndarray
     edges: np.ndarray
+
+
+def _zeros(edges: np.ndarray) -> Histogram1D:
+    """An empty histogram: what a zero-sum histogram (not written by the processor) stands for."""
+    zeros = np.zeros(len(edges) - 1)
+    return Histogram1D(values=zeros, variances=zeros.copy(), edges=np.array(edges, dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ def read_histogram(file: Any, key: str, source: Path | str = "histograms file") 
 
 
 def rebin_for_fit(h: Histogram1D) -> Histogram1D:
-    """Drop the bins below ``FIT_RANGE[0]``, merge ``FIT_REBIN`` neighbours (AGC: ``h[110j::hist.rebin(2)]``)."""
+    """Drop bins below ``FIT_RANGE[0]``, merge ``FIT_REBIN`` neighbours (AGC: ``h[110j::hist.rebin(2)]``)."""
     lo, hi = FIT_RANGE
     start = np.flatnonzero(np.isclose(h.edges, lo))
     if start.size != 1 or not math.isclose(h.edges[-1], hi):
@@ -176,9 +182,38 @@ def systematics() -> tuple[Systematic, ...]:
     return tuple(out)
 
 
+#: Processes whose nominal histogram must exist in every region: the signal (and the pseudodata, as data).
+ALWAYS_PRESENT = ("ttbar", DATA_SAMPLE)
+
+
 def required_keys() -> list[str]:
-    """Histograms the fit cannot do without: the nominal of every process and the pseudodata, per region."""
-    return [histogram_key(r, p) for r in REGIONS for p in (*PROCESSES, DATA_SAMPLE)]
+    """Histograms the fit cannot do without: the pseudodata and the ttbar nominal, per region."""
+    return [histogram_key(r, p) for r in REGIONS for p in ALWAYS_PRESENT]
+
+
+def read_nominals(file: Any, prefixes: Sequence[str], source: Path | str) -> dict[str, dict[str, Histogram1D]]:
+    """Nominal histograms ``{prefix}_{process}`` and ``{prefix}_pseudodata`` for each prefix (region, feature).
+
+    The processor does not write histograms with a zero sum, so a background that has no event under one
+    prefix (W+jets in 4j2b of a small sample) reads as zeros there. The pseudodata and ttbar must be present
+    everywhere, and every background under at least one prefix: anything else is a broken file.
+    """
+    present = set(file.keys(cycle=False))
+    out: dict[str, dict[str, Histogram1D]] = {}
+    for prefix in prefixes:
+        out[prefix] = {p: read_histogram(file, f"{prefix}_{p}", source) for p in ALWAYS_PRESENT}
+    for process in PROCESSES:
+        if process in ALWAYS_PRESENT:
+            continue
+        keys = [f"{prefix}_{process}" for prefix in prefixes]
+        if prefixes and not any(k in present for k in keys):
+            raise FitError(f"{source}: histogram '{keys[0]}' is missing (and {process} has no histogram at all)")
+        for prefix, key in zip(prefixes, keys, strict=True):
+            if key in present:
+                out[prefix][process] = read_histogram(file, key, source)
+            else:
+                out[prefix][process] = _zeros(out[prefix]["ttbar"].edges)
+    return out
 
 
 def optional_keys() -> list[str]:
@@ -218,8 +253,7 @@ def build_config(input_file: Path, histogram_folder: Path,
             for region in REGIONS
         ],
         "Samples": [{"Name": DATA_SAMPLE, "SamplePath": DATA_SAMPLE, "Data": True}]
-        + [{"Name": p, "SamplePath": p} | ({"Regions": regions_of[p]} if len(regions_of[p]) < len(REGIONS) else {})
-           for p in mc],
+        + [_sample_entry(p, regions_of[p]) for p in mc],
         "NormFactors": [
             {"Name": POI, "Samples": "ttbar", "Nominal": POI_NOMINAL, "Bounds": list(POI_BOUNDS)}
         ],
@@ -244,6 +278,13 @@ def build_config(input_file: Path, histogram_folder: Path,
         entry["Samples"] = samples if len(samples) > 1 else samples[0]
         config["Systematics"].append(entry)
     return config
+
+
+def _sample_entry(process: str, regions: Sequence[str]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"Name": process, "SamplePath": process}
+    if len(regions) < len(REGIONS):
+        entry["Regions"] = list(regions)
+    return entry
 
 
 def validate_config(config: dict[str, Any]) -> None:
@@ -279,10 +320,11 @@ class FitInputs:
 def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
     """Write the rebinned histograms the model needs to ``target``.
 
-    A variation histogram is absent when its sum of weights is zero; its nominal is written in its place so that
-    the modifier exists but has no effect, and the substitution is reported. The same holds for a variation
-    without a positive yield in the fit range (its normalisation effect would be log(0)). A process without a
-    positive yield in the fit range of a region is left out of that region (HistFactory cannot normalise it).
+    A variation histogram is absent when its sum of weights is zero; its nominal is written in its place so
+    that the modifier exists but has no effect, and the substitution is reported. The same holds for a
+    variation without a positive yield in the fit range (its normalisation effect would be log(0)). A process
+    without a positive yield in the fit range of a region is left out of that region (HistFactory cannot
+    normalise it).
     """
     import hist
 
@@ -309,8 +351,10 @@ def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
 
     with f:
         present = set(f.keys(cycle=False))
-        for key in required_keys():
-            out[key] = load(key)
+        for region, nominals in read_nominals(f, REGIONS, histograms).items():
+            for process in nominals:
+                key = histogram_key(region, process)
+                out[key] = load(key) if key in present else _zeros(edges)
         for key in optional_keys():
             region, process = _nominal_of(key)
             nominal = out[histogram_key(region, process)]
@@ -357,7 +401,7 @@ def _nominal_of(key: str) -> tuple[str, str]:
 
 
 def run_fit(histograms: Path, output_dir: Path, *, interval: str = "minos", plots: bool = True) -> FitResult:
-    """Build the AGC model from ``histograms``, fit ``ttbar_norm``; write config, workspace, results, plots."""
+    """Build the model from ``histograms``, fit ``ttbar_norm``; write config, workspace, results, plots."""
     if interval not in INTERVALS:
         raise FitError(f"unknown interval method '{interval}' (choose from {', '.join(INTERVALS)})")
     import cabinetry
@@ -397,8 +441,8 @@ def run_fit(histograms: Path, output_dir: Path, *, interval: str = "minos", plot
     plot_paths = _fit_plots(model, data, fit_results, config, output_dir) if plots else ()
     result = FitResult(
         value=value, error_up=err_up, error_down=err_down, interval=interval, hesse_error=hesse,
-        output_dir=output_dir, results=output_dir / RESULTS_NAME, config=config_path, workspace=workspace_path,
-        plots=plot_paths, substituted=inputs.substituted,
+        output_dir=output_dir, results=output_dir / RESULTS_NAME, config=config_path,
+        workspace=workspace_path, plots=plot_paths, substituted=inputs.substituted,
         left_out=_left_out(inputs.sample_regions),
     )
     _write_results(result, fit_results, histograms)

@@ -29,14 +29,14 @@ from .constants import (
     PROCESSES,
     REGIONS,
 )
-from .fit import FitError, Histogram1D, histogram_key, read_histogram, rebin_for_fit
+from .fit import DATA_SAMPLE as DATA
+from .fit import FitError, Histogram1D, histogram_key, read_histogram, read_nominals, rebin_for_fit
 from .utils import atomic_path
 
 log = logging.getLogger(__name__)
 
 #: Name of the ML histogram file that ``agc-sx process`` writes next to ``histograms.root``.
 ML_FILENAME = "histograms_ml.root"
-DATA = "pseudodata"
 
 #: Axis labels of the 20 BDT observables, in the order of the AGC feature vector.
 ML_FEATURES: dict[str, str] = {
@@ -115,6 +115,13 @@ class Plot:
 def _read(file: Any, key: str, source: Path) -> Histogram1D:
     try:
         return read_histogram(file, key, source)
+    except FitError as err:
+        raise PlotError(str(err)) from None
+
+
+def _nominals(file: Any, prefixes: list[str], source: Path) -> dict[str, dict[str, Histogram1D]]:
+    try:
+        return read_nominals(file, prefixes, source)
     except FitError as err:
         raise PlotError(str(err)) from None
 
@@ -315,12 +322,12 @@ def plot_all(histograms: Path, output_dir: Path, *, ml: Path | None = None) -> l
 
     with _open(histograms) as f:
         present = set(f.keys(cycle=False))
+        region_nominals = _nominals(f, list(REGIONS), histograms)
         for region in REGIONS:
             xlabel = OBSERVABLE_LABELS.get(OBSERVABLES[region], OBSERVABLES[region])
-            mc = {
-                p: region_histogram(_read(f, histogram_key(region, p), histograms), region) for p in PROCESSES
-            }
-            data = region_histogram(_read(f, f"{region}_{DATA}", histograms), region)
+            nominals = region_nominals[region]
+            mc = {p: region_histogram(nominals[p], region) for p in PROCESSES}
+            data = region_histogram(nominals[DATA], region)
             figures.append((f"{region}_stack", stack_figure(region, mc, data, xlabel)))
             for group, names in VARIATION_GROUPS.items():
                 variations = {
@@ -336,9 +343,9 @@ def plot_all(histograms: Path, output_dir: Path, *, ml: Path | None = None) -> l
 
     if ml_path is not None:
         with _open(ml_path) as f:
+            nominals = _nominals(f, list(ML_FEATURES), ml_path)
             features = {
-                feature: ({p: _read(f, f"{feature}_{p}", ml_path) for p in PROCESSES},
-                          _read(f, f"{feature}_{DATA}", ml_path))
+                feature: ({p: nominals[feature][p] for p in PROCESSES}, nominals[feature][DATA])
                 for feature in ML_FEATURES
             }
         figures.append(("ml_observables", ml_grid_figure(features)))

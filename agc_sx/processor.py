@@ -37,6 +37,7 @@ from .manifest import Manifest, ManifestError, SampleRecord, contained
 from .schema import AGCSkimSchema, SchemaError, check_parquet_schema, needed_columns
 from .selection import (
     Collection,
+    TrigCache,
     btag_mask,
     jet_mask_fixed,
     observable,
@@ -127,7 +128,7 @@ def analyse_events(events: Any, process: str, variation: str, weight: float, *,
     event_number = np.asarray(events.event)
 
     leptons = select_leptons(electrons, muons)
-    fixed, tagged = jet_mask_fixed(jets), btag_mask(jets)
+    fixed, tagged, trig = jet_mask_fixed(jets), btag_mask(jets), TrigCache(len(jets["pt"]))
     if variation == "nominal":
         pts = jet_pt_variations(jets["pt"], run, lumi, event_number, jets.offsets)
     else:
@@ -140,7 +141,7 @@ def analyse_events(events: Any, process: str, variation: str, weight: float, *,
 
         feature_bins = FEATURES
     for jet_variation, pt in pts.items():
-        sel = select_events(jets, pt, leptons.one_lepton, fixed_mask=fixed, tagged=tagged)
+        sel = select_events(jets, pt, leptons.one_lepton, fixed_mask=fixed, tagged=tagged, trig=trig)
         name = variation if jet_variation == "nominal" else jet_variation
         for region in REGIONS:
             in_region = sel.in_region(region)
@@ -194,7 +195,7 @@ class AGCProcessor(processor.ProcessorABC):
         if not self.ml:
             return None
         if self._ml_config is None:
-            self._ml_config = MLConfig(_load_models(_models_dir(self.models_dir).resolve()), self.nthread)
+            self._ml_config = MLConfig(_load_models(resolve_models_dir(self.models_dir).resolve()), self.nthread)
         return self._ml_config
 
     def process(self, events: Any) -> dict[tuple[str, str, int], ChunkResult]:
@@ -249,12 +250,34 @@ class RunResult:
     metrics_path: Path
 
 
-def _models_dir(models_dir: Path | None) -> Path:
+def resolve_models_dir(models_dir: Path | None) -> Path:
+    """``models_dir``, or the bundled models when None."""
     if models_dir is not None:
         return Path(models_dir)
     from .resources import default_models_dir
 
     return default_models_dir()
+
+
+
+def check_models(models_dir: Path | None) -> None:
+    """Load the BDT models once to refuse (``ProcessError``) missing or broken ones before any processing."""
+    from .ml import ModelError
+
+    try:
+        _load_models(resolve_models_dir(models_dir).resolve())
+    except (ModelError, FileNotFoundError) as err:
+        raise ProcessError(str(err)) from None
+
+
+def analyse_file(path: str | Path, process: str, variation: str, weight: float, *, ml: bool = False,
+                 models_dir: Path | None = None, sample: str | None = None, nthread: int = 1) -> ChunkResult:
+    """One delivered parquet file as one chunk, outside coffea's Runner (streaming feeds files one by one)."""
+    from coffea.nanoevents import NanoEventsFactory
+
+    events = NanoEventsFactory.from_parquet(str(path), schemaclass=AGCSkimSchema, mode="virtual").events()
+    config = MLConfig(_load_models(resolve_models_dir(models_dir).resolve()), nthread) if ml else None
+    return analyse_events(events, process, variation, weight, ml=config, sample=sample)
 
 
 def sample_weight(record: SampleRecord) -> float:
@@ -389,19 +412,14 @@ def run_processor(
     if scheduler and executor != "dask":
         raise ProcessError("--scheduler only applies to --executor dask")
     output = Path(output)
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    wall0 = time.perf_counter()
     manifest = Manifest.load(input_dir)
     columns = needed_columns(ml)
     plan = plan_inputs(manifest, allow_incomplete=allow_incomplete, columns=columns)
     nthread = workers if executor == "iterative" else 1
     proc = AGCProcessor(plan.samples, ml=ml, models_dir=models_dir, nthread=nthread)
     if ml:
-        from .ml import ModelError
-
-        try:
-            proc.ml_config()  # fail early (and once) on missing or broken models
-        except (ModelError, FileNotFoundError) as err:
-            raise ProcessError(str(err)) from None
+        check_models(models_dir)  # fail early (and once) on missing or broken models
 
     chunks: dict[tuple[str, str, int], ChunkResult] = {}
     if plan.fileset:
@@ -420,45 +438,61 @@ def run_processor(
                 if cluster is not None:
                     cluster.close()
     total = merge_chunks(chunks)
+    return write_outputs(
+        total, output, ml=ml, started=wall0, samples=plan.samples, rows=plan.rows, files=plan.files,
+        bytes_read=plan.bytes_read, columns=columns, executor=executor, workers=workers,
+        extra={"input": str(Path(input_dir).resolve()), "scheduler": scheduler,
+               "chunksize": chunksize or max(plan.max_rows, 1)},
+    )
+
+
+def write_outputs(
+    total: ChunkResult, output: Path, *, ml: bool, started: float, samples: Mapping[str, tuple[str, str, float]],
+    rows: Mapping[str, int], files: int, bytes_read: int, columns: list[str], executor: str, workers: int,
+    extra: Mapping[str, Any] | None = None,
+) -> RunResult:
+    """Turn merged exact sums into histograms and write histograms.root, histograms_ml.root and metrics.json.
+
+    ``started`` is the ``time.perf_counter()`` of the start of the run (for wall time and the event rate).
+    """
+    output = Path(output)
     histograms = _finalise(total.hists, REGIONS, "observable [GeV]")
     ml_histograms: dict[str, hist.Hist] = {}
     if ml:
         from .ml import FEATURE_NAMES
 
         ml_histograms = _finalise(total.ml_hists, FEATURE_NAMES, "feature")
-
-    wall = time.perf_counter() - wall0
+    wall = time.perf_counter() - started
     n_events = sum(total.events.values())
     metrics_path = output.parent / METRICS_NAME
     ml_output = output.parent / ML_OUTPUT_NAME if ml else None
-    metrics = {
-        "input": str(Path(input_dir).resolve()),
+    metrics: dict[str, Any] = {
         "output": str(output),
         "ml_output": str(ml_output) if ml_output else None,
         "executor": executor,
         "workers": workers,
-        "scheduler": scheduler,
-        "chunksize": chunksize or max(plan.max_rows, 1),
         "chunks": total.chunks,
-        "files": plan.files,
+        "files": files,
         "events_read": n_events,
         "events_per_sample": dict(sorted(total.events.items())),
+        "rows_per_sample": dict(sorted(rows.items())),
         "events_per_region": {
             region: sum(r.get(region, 0) for r in total.region_events.values()) for region in REGIONS
         },
         "events_per_sample_region": dict(sorted(total.region_events.items())),
-        "bytes_read": plan.bytes_read,
+        "bytes_read": bytes_read,
         "columns": columns,
         "wall_seconds": wall,
         "cpu_seconds_processing": total.cpu_seconds,
-        "cpu_seconds_driver": time.process_time() - cpu0,
+        "cpu_seconds_driver": time.process_time(),
         "event_rate_hz": n_events / wall if wall > 0 else None,
         "peak_rss_mb_driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "histograms": len(histograms),
         "ml_histograms": len(ml_histograms),
-        "ttbar_alternatives": [v for v in TTBAR_ALTERNATIVES if any(s[1] == v for s in plan.samples.values())],
+        "ttbar_alternatives": [v for v in TTBAR_ALTERNATIVES if any(s[1] == v for s in samples.values())],
         "versions": _versions(),
         "host": {"cpus": os.cpu_count(), "platform": sys.platform},
+        **dict(extra or {}),
     }
     write_root(output, histograms)
     if ml_output is not None:
@@ -475,6 +509,11 @@ __all__ = [
     "RunResult",
     "SchemaError",
     "analyse_events",
+    "analyse_file",
+    "check_models",
     "merge_chunks",
+    "needed_columns",
+    "resolve_models_dir",
     "run_processor",
+    "write_outputs",
 ]

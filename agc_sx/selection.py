@@ -135,6 +135,8 @@ def _event_kernel(  # pragma: no cover - compiled
     phi: np.ndarray,
     mass: np.ndarray,
     lepton_ok: np.ndarray,
+    trig: np.ndarray,
+    trig_done: np.ndarray,
     min_jets: int,
     region: np.ndarray,
     ht: np.ndarray,
@@ -173,11 +175,16 @@ def _event_kernel(  # pragma: no cover - compiled
         region[e] = 2
         for k in range(n):
             j = idx[k]
+            if not trig_done[j]:  # cos/sin(phi), sinh(eta) are shared by all jet variations of the chunk
+                f = np.float64(phi[j])
+                trig[j, 0] = np.cos(f)
+                trig[j, 1] = np.sin(f)
+                trig[j, 2] = np.sinh(np.float64(eta[j]))
+                trig_done[j] = True
             p = np.float64(pt[j])
-            f = np.float64(phi[j])
-            px[k] = p * np.cos(f)
-            py[k] = p * np.sin(f)
-            pz[k] = p * np.sinh(np.float64(eta[j]))
+            px[k] = p * trig[j, 0]
+            py[k] = p * trig[j, 1]
+            pz[k] = p * trig[j, 2]
             m = np.float64(mass[j])
             en[k] = np.sqrt(px[k] * px[k] + py[k] * py[k] + pz[k] * pz[k] + m * m)
             tag[k] = tagged[j]
@@ -200,19 +207,30 @@ def _event_kernel(  # pragma: no cover - compiled
         mbjj[e] = best_mass
 
 
+class TrigCache:
+    """Per-jet cos(phi), sin(phi), sinh(eta), filled on demand by the kernel and shared by jet variations."""
+
+    def __init__(self, n_jets: int) -> None:
+        self.values = np.empty((n_jets, 3), dtype=np.float64)
+        self.done = np.zeros(n_jets, dtype=np.bool_)
+
+
 def select_events(
     jets: Collection, jet_pt: np.ndarray, lepton_ok: np.ndarray, *, fixed_mask: np.ndarray | None = None,
-    tagged: np.ndarray | None = None,
+    tagged: np.ndarray | None = None, trig: TrigCache | None = None,
 ) -> EventSelection:
     """Jet selection with pT ``jet_pt`` (a jet variation), event selection, regions and observables.
 
-    ``lepton_ok`` is the per-event "exactly one selected lepton" flag. ``fixed_mask`` and ``tagged`` (the
-    pT-independent jet cuts and the b-tag flags) can be passed in to share them between jet variations.
+    ``lepton_ok`` is the per-event "exactly one selected lepton" flag. ``fixed_mask``, ``tagged`` (the
+    pT-independent jet cuts and the b-tag flags) and ``trig`` can be passed in to share them between jet
+    variations of the same chunk.
     """
     if fixed_mask is None:
         fixed_mask = jet_mask_fixed(jets)
     if tagged is None:
         tagged = btag_mask(jets)
+    if trig is None:
+        trig = TrigCache(len(jet_pt))
     selected = np.asarray((jet_pt > JET_PT_MIN) & fixed_mask)
     n = len(jets.offsets) - 1
     region = np.zeros(n, dtype=np.int8)
@@ -221,7 +239,7 @@ def select_events(
     lead_pt = np.full((n, MIN_JETS), np.nan, dtype=jet_pt.dtype)
     _event_kernel(
         jets.offsets, jet_pt, selected, tagged, jets["eta"], jets["phi"], jets["mass"],
-        np.asarray(lepton_ok, dtype=np.bool_), MIN_JETS, region, ht, mbjj, lead_pt,
+        np.asarray(lepton_ok, dtype=np.bool_), trig.values, trig.done, MIN_JETS, region, ht, mbjj, lead_pt,
     )
     return EventSelection(region, ht, mbjj, lead_pt, selected)
 

@@ -11,6 +11,7 @@ collection) keeps the indices of the jets that matter.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .constants import (
@@ -32,7 +33,7 @@ _M2 = np.uint64(0x94D049BB133111EB)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser, vectorised over uint64 (wrap-around arithmetic is intended)."""
+    """The splitmix64 finaliser, vectorised over uint64 (the numpy twin of the compiled ``_mix``)."""
     with np.errstate(over="ignore"):
         z = x + _GOLDEN
         z = (z ^ (z >> np.uint64(30))) * _M1
@@ -40,24 +41,42 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def jet_index(offsets: np.ndarray) -> np.ndarray:
-    """Index of every jet within its event, flat."""
-    counts = np.diff(offsets)
-    return np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], counts)
+@numba.njit(cache=True, nogil=True)
+def _mix(x: np.uint64) -> np.uint64:  # pragma: no cover - compiled
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True, nogil=True)
+def _normals_kernel(run: np.ndarray, lumi: np.ndarray, event: np.ndarray, offsets: np.ndarray,
+                    seed: np.uint64, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    scale = 2.0**-53
+    for e in range(len(offsets) - 1):
+        key = _mix(seed ^ np.uint64(run[e]))
+        key = _mix(key ^ np.uint64(lumi[e]))
+        key = _mix(key ^ np.uint64(event[e]))
+        first, stop = offsets[e], offsets[e + 1]
+        for j in range(first, stop, 2):
+            # one Box-Muller pair per two jets (jet indices 2k, 2k+1): cos for the first, sin for the second
+            h1 = _mix(key ^ np.uint64((j - first) >> 1))
+            h2 = _mix(h1)
+            u1 = (np.float64(h1 >> np.uint64(11)) + 1.0) * scale  # (0, 1]: the log stays finite
+            u2 = np.float64(h2 >> np.uint64(11)) * scale  # [0, 1)
+            r = np.sqrt(-2.0 * np.log(u1))
+            angle = 2.0 * np.pi * u2
+            out[j] = r * np.cos(angle)
+            if j + 1 < stop:
+                out[j + 1] = r * np.sin(angle)
 
 
 def standard_normal(run: np.ndarray, lumi: np.ndarray, event: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """One deterministic N(0, 1) number per jet, from (run, luminosityBlock, event, jet index)."""
-    key = splitmix64(JER_SEED ^ run.astype(np.uint64))
-    key = splitmix64(key ^ lumi.astype(np.uint64))
-    key = splitmix64(key ^ event.astype(np.uint64))
-    per_jet = np.repeat(key, np.diff(offsets)) ^ jet_index(offsets).astype(np.uint64)
-    h1 = splitmix64(per_jet)
-    h2 = splitmix64(h1)
-    scale = 2.0**-53
-    u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 1.0) * scale  # (0, 1]: the log stays finite
-    u2 = (h2 >> np.uint64(11)).astype(np.float64) * scale  # [0, 1)
-    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    out = np.empty(int(offsets[-1]), dtype=np.float64)
+    _normals_kernel(np.asarray(run, dtype=np.uint64), np.asarray(lumi, dtype=np.uint64),
+                    np.asarray(event, dtype=np.uint64), np.asarray(offsets, dtype=np.int64), JER_SEED, out)
+    return out
 
 
 def jer_factors(run: np.ndarray, lumi: np.ndarray, event: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import hist
@@ -40,22 +40,31 @@ from agc_sx.fit import (
 EDGES = np.linspace(*HIST_RANGE, HIST_BINS + 1)
 CENTRES = 0.5 * (EDGES[1:] + EDGES[:-1])
 
-# (yield, shape) per region and process: ttbar peaks (HT ~ 330 GeV, m_bjj ~ 170 GeV on a combinatorial tail), W+jets
-# falls, single top sits in between.  Yields are in the ratio of the AGC's 4j1b / 4j2b regions.
+
+def _lognormal(peak: float, width: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda x: np.exp(-0.5 * ((np.log(x) - np.log(peak)) / width) ** 2) / x
+
+
+def _peak_on_tail(peak: float, width: float, tail: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda x: np.exp(-0.5 * ((x - peak) / width) ** 2) + tail * np.exp(-(x - 50) / 150)
+
+
+# (yield, shape) per region and process: ttbar peaks (HT ~ 330 GeV; m_bjj ~ 170 GeV on a combinatorial tail),
+# W+jets falls, single top sits in between. Yields are in the ratio of the AGC's 4j1b / 4j2b regions.
 _SHAPES = {
     "4j1b": {
-        "ttbar": (12000.0, lambda x: np.exp(-0.5 * ((np.log(x) - np.log(330)) / 0.28) ** 2) / x),
-        "wjets": (6000.0, lambda x: np.exp(-0.5 * ((np.log(x) - np.log(230)) / 0.35) ** 2) / x),
-        "single_top_s_chan": (60.0, lambda x: np.exp(-0.5 * ((np.log(x) - np.log(280)) / 0.3) ** 2) / x),
-        "single_top_t_chan": (900.0, lambda x: np.exp(-0.5 * ((np.log(x) - np.log(270)) / 0.3) ** 2) / x),
-        "single_top_tW": (1100.0, lambda x: np.exp(-0.5 * ((np.log(x) - np.log(310)) / 0.3) ** 2) / x),
+        "ttbar": (12000.0, _lognormal(330, 0.28)),
+        "wjets": (6000.0, _lognormal(230, 0.35)),
+        "single_top_s_chan": (60.0, _lognormal(280, 0.3)),
+        "single_top_t_chan": (900.0, _lognormal(270, 0.3)),
+        "single_top_tW": (1100.0, _lognormal(310, 0.3)),
     },
     "4j2b": {
-        "ttbar": (7000.0, lambda x: np.exp(-0.5 * ((x - 170) / 25) ** 2) + 0.6 * np.exp(-(x - 50) / 150)),
+        "ttbar": (7000.0, _peak_on_tail(170, 25, 0.6)),
         "wjets": (300.0, lambda x: np.exp(-(x - 50) / 90)),
-        "single_top_s_chan": (40.0, lambda x: np.exp(-0.5 * ((x - 175) / 40) ** 2) + 0.3 * np.exp(-(x - 50) / 150)),
-        "single_top_t_chan": (250.0, lambda x: np.exp(-0.5 * ((x - 175) / 40) ** 2) + 0.5 * np.exp(-(x - 50) / 150)),
-        "single_top_tW": (500.0, lambda x: np.exp(-0.5 * ((x - 172) / 30) ** 2) + 0.5 * np.exp(-(x - 50) / 150)),
+        "single_top_s_chan": (40.0, _peak_on_tail(175, 40, 0.3)),
+        "single_top_t_chan": (250.0, _peak_on_tail(175, 40, 0.5)),
+        "single_top_tW": (500.0, _peak_on_tail(172, 30, 0.5)),
     },
 }
 #: Weight per simulated event, for the sum of squared weights (ttbar well simulated, W+jets poorly).
@@ -64,7 +73,7 @@ _EVENT_WEIGHT = {"ttbar": 0.05, "wjets": 0.6, "single_top_s_chan": 0.01, "single
 
 
 def _template(region: str, process: str, scale: float = 1.0) -> np.ndarray:
-    """Expected bin contents of ``process`` with the observable scaled by ``scale`` (a jet energy scale shift)."""
+    """Expected bin contents of ``process``, the observable scaled by ``scale`` (a jet energy scale shift)."""
     total, shape = _SHAPES[region][process]
     fine = np.linspace(*HIST_RANGE, 20 * HIST_BINS + 1)
     x = 0.5 * (fine[1:] + fine[:-1])
@@ -113,7 +122,7 @@ def write_toy_histograms(path: Path, *, mu: float = 1.3, drop: Iterable[str] = (
                          extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Write the toy histograms to ``path`` as TH1D with sumw2, like ``agc-sx process`` does.
 
-    ``seed`` Poisson-fluctuates the pseudodata; ``drop`` leaves keys out (as the processor does for empty ones).
+    ``seed`` Poisson-fluctuates the pseudodata; ``drop`` leaves keys out (as the processor does empty ones).
     Returns what was written.
     """
     contents = toy_histograms(mu)
@@ -163,7 +172,8 @@ def test_config_validates_and_describes_the_agc_model(tmp_path: Path) -> None:
     validate_config(config)  # raises if invalid
     assert config["General"]["Measurement"] == "CMS_ttbar"
     (norm,) = config["NormFactors"]
-    assert (norm["Name"], norm["Samples"], norm["Nominal"], norm["Bounds"]) == (POI, "ttbar", 1.0, [0.0, 10.0])
+    assert (norm["Name"], norm["Samples"]) == (POI, "ttbar")
+    assert (norm["Nominal"], norm["Bounds"]) == (1.0, [0.0, 10.0])
     assert [r["Name"] for r in config["Regions"]] == list(REGIONS)
     assert [s["Name"] for s in config["Samples"] if s.get("Data")] == ["pseudodata"]
     systs = {s["Name"]: s for s in config["Systematics"]}
@@ -181,7 +191,7 @@ def test_config_validates_and_describes_the_agc_model(tmp_path: Path) -> None:
 
 
 def test_fit_recovers_injected_signal_strength(toy_file: Path, tmp_path: Path) -> None:
-    """Pseudodata = 1.3 x ttbar + backgrounds (no fluctuation): the best fit is 1.3 inside its MINOS interval."""
+    """Pseudodata = 1.3 x ttbar + backgrounds (no fluctuation): fit gives 1.3, inside its MINOS interval."""
     out = tmp_path / "fit"
     result = run_fit(toy_file, out)
     assert result.interval == "minos"
@@ -200,7 +210,7 @@ def test_fit_recovers_injected_signal_strength(toy_file: Path, tmp_path: Path) -
     validate_config(config)
     assert Path(config["General"]["InputPath"].split(":")[0]).parent == out.resolve()
     names = {p.name for p in result.plots}
-    assert {"pulls.png", "4j1b_prefit.png", "4j1b_postfit.png", "4j2b_prefit.png", "4j2b_postfit.png"} <= names
+    assert {"pulls.png"} | {f"{r}_{when}.png" for r in REGIONS for when in ("prefit", "postfit")} <= names
     for p in result.plots:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
@@ -208,8 +218,8 @@ def test_fit_recovers_injected_signal_strength(toy_file: Path, tmp_path: Path) -
 def test_profile_scan_on_fluctuated_pseudodata_with_sparse_inputs(tmp_path: Path) -> None:
     """Poisson-fluctuated pseudodata; the profile-likelihood interval covers the injected 1.3.
 
-    The inputs are as sparse as a small run makes them: one optional template absent, one empty in the fit range,
-    and a process with no events above 110 GeV in 4j2b (left out of that region instead of breaking the fit).
+    The inputs are as sparse as a small run makes them: one optional template absent, one empty in the fit
+    range, and a process with no events above 110 GeV in 4j2b (left out of that region, not breaking the fit).
     """
     path = tmp_path / "histograms.root"
     contents = toy_histograms()
@@ -236,13 +246,13 @@ def test_profile_scan_on_fluctuated_pseudodata_with_sparse_inputs(tmp_path: Path
 
 def test_missing_required_key_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "histograms.root"
-    write_toy_histograms(path, drop=["4j2b_wjets"])
-    with pytest.raises(FitError, match="'4j2b_wjets' is missing"):
+    write_toy_histograms(path, drop=["4j2b_ttbar"])
+    with pytest.raises(FitError, match="'4j2b_ttbar' is missing"):
         run_fit(path, tmp_path / "fit")
 
     res = CliRunner().invoke(main, ["fit", str(path), "--output-dir", str(tmp_path / "fit")])
     assert res.exit_code != 0
-    assert "4j2b_wjets" in res.output and "Traceback" not in res.output
+    assert "4j2b_ttbar" in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
 
 
@@ -252,3 +262,16 @@ def test_cli_prints_the_interval(toy_file: Path, tmp_path: Path) -> None:
     line = next(x for x in res.output.splitlines() if x.startswith(f"{POI} = "))
     assert "MINOS" in line
     assert (tmp_path / "f" / "fit_results.json").is_file()
+
+
+def test_background_without_events_in_a_region_reads_as_zero(tmp_path: Path) -> None:
+    """The processor does not write zero-sum histograms: W+jets absent from 4j2b is empty, not an error."""
+    path = tmp_path / "histograms.root"
+    write_toy_histograms(path, drop=[k for k in toy_histograms() if k.startswith("4j2b_wjets")])
+    result = run_fit(path, tmp_path / "fit", plots=False)
+    assert result.left_out == ("4j2b_wjets",)
+    assert abs(result.value - 1.3) < result.error_up + result.error_down
+
+    write_toy_histograms(path, drop=[k for k in toy_histograms() if "_wjets" in k])
+    with pytest.raises(FitError, match="wjets has no histogram at all"):
+        run_fit(path, tmp_path / "fit2", plots=False)

@@ -1,4 +1,4 @@
-"""``agc-sx plot`` on synthetic histogram files: files written, valid PNGs, and the drawn bars equal the inputs."""
+"""``agc-sx plot`` on synthetic histogram files: valid PNGs; drawn bars equal the inputs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import uproot
 from click.testing import CliRunner
 from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
 from matplotlib.patches import StepPatch
 from test_fit import write_toy_histograms
 
@@ -90,14 +91,14 @@ def test_every_plot_is_a_sane_png(plotted: tuple[dict, dict, dict]) -> None:
     assert not list(plots["4j1b_stack"].path.parent.glob("*.part"))
 
 
-def _stack_heights(fig) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # type: ignore[no-untyped-def]
+def _stack_heights(fig: Figure) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """label -> (bar heights, edges) of every filled StepPatch in the main panel."""
     ax = fig.axes[0]
-    out = {}
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for patch in ax.patches:
         if isinstance(patch, StepPatch) and patch.get_label() in PROCESS_LABELS.values():
             values, edges, baseline = patch.get_data()
-            out[patch.get_label()] = (np.asarray(values) - np.asarray(baseline), np.asarray(edges))
+            out[str(patch.get_label())] = (np.asarray(values) - np.asarray(baseline), np.asarray(edges))
     return out
 
 
@@ -119,7 +120,7 @@ def test_stack_heights_equal_histogram_contents(plotted: tuple[dict, dict, dict]
     # the stack is cumulative: the top of the highest patch is the total MC
     top = max(np.max(np.asarray(p.get_data()[0])) for p in fig.axes[0].patches if isinstance(p, StepPatch)
               and p.get_label() in PROCESS_LABELS.values())
-    total = sum(h for h, _ in heights.values())
+    total = np.sum([h for h, _ in heights.values()], axis=0)
     assert top == pytest.approx(total.max(), rel=1e-6)
 
 
@@ -135,13 +136,16 @@ def test_pseudodata_points_and_ratio(plotted: tuple[dict, dict, dict]) -> None:
     assert any(np.allclose(y, data / mc) for y in ratio)
     # the error bars of the points are Poisson-like
     bars = [c for c in main_ax.collections if isinstance(c, LineCollection)]
-    assert bars and any(np.allclose([s[1, 1] - s[0, 1] for s in c.get_segments()], 2 * np.sqrt(data)) for c in bars)
+    lengths = [np.array([s[1, 1] - s[0, 1] for s in c.get_segments()]) for c in bars]
+    assert any(np.allclose(length, 2 * np.sqrt(data)) for length in lengths)
 
 
 def test_variation_plots_skip_absent_templates(plotted: tuple[dict, dict, dict]) -> None:
     plots, _, _ = plotted
-    labels_4j2b = [t.get_text() for t in plots["4j2b_ttbar_variations_btag"].figure.axes[0].get_legend().texts]
-    labels_4j1b = [t.get_text() for t in plots["4j1b_ttbar_variations_btag"].figure.axes[0].get_legend().texts]
+    def legend(name: str) -> list[str]:
+        return [t.get_text() for t in plots[name].figure.axes[0].get_legend().texts]
+
+    labels_4j2b, labels_4j1b = legend("4j2b_ttbar_variations_btag"), legend("4j1b_ttbar_variations_btag")
     assert "btag_var_3_down" in labels_4j1b and "btag_var_3_down" not in labels_4j2b
     assert len(labels_4j1b) == 9  # nominal + 8
 
@@ -152,9 +156,11 @@ def test_ml_grid_has_the_20_observables(plotted: tuple[dict, dict, dict]) -> Non
     visible = [ax for ax in grid.axes if ax.get_visible()]
     assert len(visible) == len(ML_FEATURES) == 20
     for ax, feature in zip(visible, ML_FEATURES, strict=True):  # each panel stacks its own feature's contents
-        patch = next(p for p in ax.patches if isinstance(p, StepPatch) and p.get_label() == PROCESS_LABELS["ttbar"])
+        ttbar = PROCESS_LABELS["ttbar"]
+        patch = next(p for p in ax.patches if isinstance(p, StepPatch) and p.get_label() == ttbar)
         values, _, baseline = patch.get_data()
-        np.testing.assert_allclose(np.asarray(values) - np.asarray(baseline), ml[f"{feature}_ttbar"], rtol=1e-6)
+        heights = np.asarray(values) - np.asarray(baseline)
+        np.testing.assert_allclose(heights, ml[f"{feature}_ttbar"], rtol=1e-6)
 
 
 def test_ml_file_is_found_beside_or_given(tmp_path: Path) -> None:
@@ -185,3 +191,13 @@ def test_cli_writes_the_plots_without_ml_grid_when_no_ml_file(tmp_path: Path) ->
     written = sorted((tmp_path / "p").glob("*.png"))
     assert len(written) == 10 and all(str(p) in res.output for p in written)
     assert not (tmp_path / "p" / "ml_observables.png").exists()
+
+
+def test_background_absent_from_a_region_stacks_as_zero(tmp_path: Path) -> None:
+    hpath = tmp_path / "histograms.root"
+    write_toy_histograms(hpath, drop=["4j2b_wjets"])
+    plots = {p.name: p for p in plot_all(hpath, tmp_path / "out")}
+    heights = _stack_heights(plots["4j2b_stack"].figure)
+    got, _ = heights[PROCESS_LABELS["wjets"]]
+    assert np.all(got == 0)
+    assert np.any(_stack_heights(plots["4j1b_stack"].figure)[PROCESS_LABELS["wjets"]][0] > 0)

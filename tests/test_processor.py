@@ -338,7 +338,7 @@ def test_executors_and_chunkings_identical(delivery: Path, iterative_run: Any, t
                              scheduler=cluster.scheduler_address, ml=False, quiet=True)
     assert_same(dask.histograms, iterative_run.histograms)
     chunked = run_processor(delivery, output=tmp_path / "c" / "h.root", chunksize=150, ml=False, quiet=True)
-    assert chunked.metrics["chunks"] > 2 * iterative_run.metrics["chunks"]
+    assert chunked.metrics["chunks"] >= 2 * iterative_run.metrics["chunks"]
     assert_same(chunked.histograms, iterative_run.histograms)  # exact sums: chunking cannot change a bit
 
 

@@ -14,7 +14,7 @@ from agc_sx.selection import (
     muon_mask,
     select_events,
 )
-from agc_sx.systematics import btag_weight_factors, jer_factors, pt_scale_up
+from agc_sx.systematics import _mix, btag_weight_factors, jer_factors, pt_scale_up, splitmix64
 
 F32 = np.float32
 
@@ -130,3 +130,10 @@ def test_btag_weight_factors_match_agc_arithmetic() -> None:
     agc = 1 + np.array([0.075, -0.075]) * (lead[:, 2] / 50)[:, None]
     assert np.array_equal(w["btag_var_2_up"], agc[:, 0]) and np.array_equal(w["btag_var_2_down"], agc[:, 1])
     assert w["btag_var_0_down"][1] < 0
+
+
+def test_compiled_hash_is_splitmix64() -> None:
+    x = np.random.default_rng(3).integers(0, 2**63, 50, dtype=np.uint64) * np.uint64(2)
+    assert [int(_mix(v)) for v in x] == [int(v) for v in splitmix64(x)]
+    # a published splitmix64 value: the first output of seed 0 is 0xE220A8397B1DCDAF
+    assert int(splitmix64(np.array([0], dtype=np.uint64))[0]) == 0xE220A8397B1DCDAF

@@ -15,8 +15,8 @@ from ._group import main, user_errors
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("fit"),
               show_default=True, help="Folder for the configuration, workspace, fit results and plots.")
 @click.option("--interval", type=click.Choice(INTERVALS), default="minos", show_default=True,
-              help="How the ttbar_norm interval is found: MINOS, or a profile-likelihood scan "
-                   "(both where -2 ln L rises by 1).")
+              help="How the ttbar_norm interval is found: MINOS, or the profile likelihood solved for "
+                   "its crossings (both: where -2 ln L rises by 1).")
 @click.option("--plots/--no-plots", default=True, show_default=True,
               help="Draw the pull plot and the pre-/post-fit distributions.")
 @user_errors(FitError)

@@ -1,0 +1,327 @@
+"""Streaming pipeline (``agc-sx run``): process every delivered file as soon as it has landed and been verified.
+
+The delivery (local or ServiceX backend, unchanged) runs in a thread and records each verified output in
+``manifest.json``; this module watches the manifest and sends every new file to a pool of processor workers
+beside the downloads. Each finished file is added to the running histograms, and the histograms together with
+the list of accumulated files are checkpointed in *one* atomic write, so a run that is killed and restarted
+resumes without processing any file twice: a file is either in the checkpoint with its contribution, or in
+neither.
+
+Weights need ``nevts_total`` before the first file is processed. It is known up front: the unskimmed
+``nevts`` of the input files asked for. A sample that does not come back complete is therefore an error (the
+checkpoint is kept, so re-running fetches and processes only what is missing).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from .catalogue import Catalog
+from .constants import LUMI_PB
+from .delivery.common import DeliveryError, DeliveryReport, open_delivery
+from .manifest import Manifest, ManifestError, OutputFile, contained
+from .processor import (
+    ChunkResult,
+    ProcessError,
+    RunResult,
+    analyse_file,
+    check_models,
+    needed_columns,
+    write_outputs,
+)
+from .query import query_hash, query_text
+from .schema import check_parquet_schema
+from .utils import atomic_write_bytes, sha256_text
+
+CHECKPOINT_NAME = ".agc-sx-stream.pkl"
+CHECKPOINT_VERSION = 1
+
+
+class StreamError(RuntimeError):
+    """A streaming run that could not produce complete histograms; the message is one line per problem."""
+
+
+@dataclass
+class _Checkpoint:
+    """What has been accumulated so far, written atomically as one pickle."""
+
+    key: str
+    accumulated: dict[str, str] = field(default_factory=dict)  # output file (relative) -> sha256
+    result: ChunkResult = field(default_factory=ChunkResult)
+    version: int = CHECKPOINT_VERSION
+
+    def save(self, path: Path) -> None:
+        atomic_write_bytes(path, pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL))
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> _Checkpoint | None:
+        """The checkpoint at ``path`` if it belongs to the same configuration, else None (start afresh)."""
+        try:
+            with open(path, "rb") as f:
+                state = pickle.load(f)
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+            return None
+        if not isinstance(state, cls) or state.version != CHECKPOINT_VERSION or state.key != key:
+            return None
+        return state
+
+
+@dataclass
+class _Job:
+    sample: str
+    process: str
+    variation: str
+    weight: float
+    inputs: frozenset[str]
+
+
+def _configuration_key(jobs: dict[str, _Job], query_sha: str, ml: bool, models: str | None) -> str:
+    """Everything that changes the content of the histograms; a checkpoint of another configuration is unused."""
+    doc = {
+        "query": query_sha,
+        "ml": ml,
+        "models": models,
+        "samples": {n: [j.process, j.variation, repr(j.weight), sorted(j.inputs)] for n, j in sorted(jobs.items())},
+    }
+    return sha256_text(json.dumps(doc, sort_keys=True))
+
+
+def _models_fingerprint(models_dir: Path | None) -> str | None:
+    from .processor import resolve_models_dir
+
+    directory = resolve_models_dir(models_dir)
+    parts = []
+    for name in ("model_even.json", "model_odd.json"):
+        p = directory / name
+        parts.append(sha256_text(p.read_text()) if p.exists() else "missing")
+    return sha256_text("".join(parts))
+
+
+def _start_delivery(backend: str, catalog: Catalog, output_dir: Path, *, workers: int, force: bool,
+                    servicex: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run the delivery in a thread; its report (or exception) lands in the returned dict."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            if backend == "local":
+                from .delivery.local import deliver_local
+
+                outcome["report"] = deliver_local(catalog, output_dir, workers=workers, force=force, quiet=True)
+            else:
+                from .delivery.servicex_backend import deliver_servicex
+
+                outcome["report"] = deliver_servicex(catalog, output_dir, force=force, quiet=True, **servicex)
+        except BaseException as err:  # handed to the main thread, which reports it
+            outcome["error"] = err
+        finally:
+            outcome["end"] = time.perf_counter()
+
+    thread = threading.Thread(target=target, name="agc-sx-delivery", daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _overlap(busy: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of the processing intervals ``busy`` that fall inside [start, end]."""
+    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in busy)
+
+
+def run_streaming(
+    catalog: Catalog,
+    output_dir: Path,
+    *,
+    backend: str = "servicex",
+    output: Path = Path("histograms.root"),
+    workers: int = 1,
+    ml: bool = True,
+    models_dir: Path | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    poll_interval: float = 0.2,
+    servicex: dict[str, Any] | None = None,
+    on_accumulated: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Deliver ``catalog`` into ``output_dir`` and process each file while the rest is still being delivered.
+
+    The result equals ``deliver`` followed by ``process`` on the same inputs. ``on_accumulated`` is called with
+    the relative output path after each file's contribution has been checkpointed.
+    """
+    if backend not in ("servicex", "local"):
+        raise StreamError(f"unknown backend {backend!r} (choose servicex or local)")
+    if workers < 1:
+        raise StreamError("--workers must be at least 1")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    wall0 = time.perf_counter()
+    if ml:
+        check_models(models_dir)
+
+    jobs = {
+        s.name: _Job(s.name, s.process, s.variation, s.xsec * LUMI_PB / s.nevts_total if s.nevts_total else 0.0,
+                     frozenset(f.path for f in s.files))
+        for s in catalog
+    }
+    for job in jobs.values():
+        if job.weight == 0.0:
+            raise StreamError(f"sample {job.sample} has no input events to normalise to")
+    query_sha = query_hash(query_text())
+    key = _configuration_key(jobs, query_sha, ml, _models_fingerprint(models_dir) if ml else None)
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    state = None if force else _Checkpoint.load(checkpoint_path, key)
+    resumed = state is not None and bool(state.accumulated)
+    state = state or _Checkpoint(key)
+    state.save(checkpoint_path)
+    columns = needed_columns(ml)
+
+    delivery, outcome = _start_delivery(backend, catalog, output_dir, workers=workers, force=force,
+                                        servicex=servicex or {})
+    in_flight: dict[Future[ChunkResult], tuple[str, OutputFile, float]] = {}
+    busy: list[tuple[float, float]] = []
+    problems: dict[str, str] = {}
+    total_files = sum(len(j.inputs) for j in jobs.values())
+    progress = _Progress(total_files, quiet)
+    progress.update(len(state.accumulated))
+
+    def scan(pool: ProcessPoolExecutor) -> None:
+        try:
+            manifest = Manifest.load(output_dir)
+        except ManifestError:
+            return  # not written yet
+        for name, job in jobs.items():
+            record = manifest.samples.get(name)
+            if record is None:
+                continue
+            for out in record.outputs:
+                if out.input not in job.inputs or out.file in state.accumulated:
+                    continue
+                if any(o.file == out.file for _, o, _ in in_flight.values()):
+                    continue
+                problem = out.verify(output_dir)
+                if problem is None:
+                    try:
+                        check_parquet_schema(contained(output_dir, out.file), columns)
+                    except ValueError as err:
+                        problem = str(err)
+                if problem is not None:
+                    problems[out.file] = problem  # may be re-delivered; checked again at the end
+                    continue
+                problems.pop(out.file, None)
+                future = pool.submit(analyse_file, str(contained(output_dir, out.file)), job.process,
+                                     job.variation, job.weight, ml=ml, models_dir=models_dir, sample=name)
+                in_flight[future] = (name, out, time.perf_counter())
+
+    def collect(timeout: float) -> None:
+        if not in_flight:
+            time.sleep(timeout)
+            return
+        done, _ = wait(list(in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in done:
+            _name, out, started = in_flight.pop(future)
+            result = future.result()  # a processing error ends the run; the checkpoint keeps the rest
+            busy.append((started, time.perf_counter()))
+            state.result += result
+            state.accumulated[out.file] = out.sha256
+            state.save(checkpoint_path)
+            progress.update(len(state.accumulated))
+            if on_accumulated is not None:
+                on_accumulated(out.file)
+
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver")) as pool:
+            while delivery.is_alive():
+                scan(pool)
+                collect(poll_interval)
+            scan(pool)  # what landed between the last scan and the end of the delivery
+            while in_flight:
+                collect(poll_interval)
+    finally:
+        progress.close()
+    delivery.join()
+    if "error" in outcome:
+        err = outcome["error"]
+        if isinstance(err, (DeliveryError, ValueError, OSError)):
+            raise StreamError(f"delivery failed: {err}") from None
+        raise err
+
+    report: DeliveryReport = outcome["report"]
+    missing = [
+        f"{name}: {path}: not accumulated" for name, job in jobs.items()
+        for path in sorted(job.inputs)
+        if (out := report.manifest.samples[name].output_for(path)) is None or out.file not in state.accumulated
+    ]
+    if missing or not report.ok:
+        lines = report.failures or missing
+        lines += [f"{file}: {why}" for file, why in sorted(problems.items())]
+        raise StreamError(
+            "incomplete, the histograms are not written (re-run to fetch and process only what is missing):\n"
+            + "\n".join(lines)
+        )
+
+    delivery_seconds = outcome["end"] - wall0
+    processing_seconds = sum(b - a for a, b in busy)
+    stream_metrics = {
+        "pipeline": f"streaming ({backend})",
+        "backend": backend,
+        "resumed_from_checkpoint": resumed,
+        "files_accumulated": len(state.accumulated),
+        "files_processed_this_run": len(busy),
+        "delivery_wall_seconds": delivery_seconds,
+        "processing_seconds": processing_seconds,
+        "processing_overlapping_delivery_seconds": _overlap(busy, wall0, outcome["end"]),
+        "overlap_fraction": (_overlap(busy, wall0, outcome["end"]) / processing_seconds) if busy else None,
+    }
+    samples = {name: (job.process, job.variation, job.weight) for name, job in jobs.items()}
+    rows = {name: report.manifest.samples[name].rows for name in jobs}
+    bytes_read = sum(
+        contained(output_dir, f).stat().st_size for f in state.accumulated if contained(output_dir, f).exists()
+    )
+    result = write_outputs(
+        state.result, output, ml=ml, started=wall0, samples=samples, rows=rows, files=len(state.accumulated),
+        bytes_read=bytes_read, columns=columns, executor="streaming", workers=workers,
+        extra={"input": str(output_dir.resolve()), **stream_metrics},
+    )
+    with open_delivery(output_dir, None, None) as manifest:
+        manifest.extra["stream"] = {
+            "checkpoint": CHECKPOINT_NAME,
+            "accumulated": sorted(state.accumulated),
+            "output": str(Path(output).resolve()),
+        }
+        manifest.save()
+    return result
+
+
+class _Progress:
+    """A rich bar of files accumulated, or nothing with ``quiet``."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self._bar: Any = None
+        if not quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("deliver + process"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn())
+            self._task = self._bar.add_task("files", total=total)
+            self._bar.start()
+
+    def update(self, done: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+__all__ = ["CHECKPOINT_NAME", "StreamError", "run_streaming"]
+
+_ = ProcessError  # re-exported failure type of the processing step
