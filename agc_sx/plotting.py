@@ -343,9 +343,9 @@ def plot_all(histograms: Path, output_dir: Path, *, ml: Path | None = None) -> l
 
     if ml_path is not None:
         with _open(ml_path) as f:
-            nominals = _nominals(f, list(ML_FEATURES), ml_path)
+            ml_nominals = _nominals(f, list(ML_FEATURES), ml_path)
             features = {
-                feature: ({p: nominals[feature][p] for p in PROCESSES}, nominals[feature][DATA])
+                feature: ({p: ml_nominals[feature][p] for p in PROCESSES}, ml_nominals[feature][DATA])
                 for feature in ML_FEATURES
             }
         figures.append(("ml_observables", ml_grid_figure(features)))

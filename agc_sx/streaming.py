@@ -29,17 +29,9 @@ from .catalogue import Catalog
 from .constants import LUMI_PB
 from .delivery.common import DeliveryError, DeliveryReport, open_delivery
 from .manifest import Manifest, ManifestError, OutputFile, contained
-from .processor import (
-    ChunkResult,
-    ProcessError,
-    RunResult,
-    analyse_file,
-    check_models,
-    needed_columns,
-    write_outputs,
-)
+from .processor import ChunkResult, RunResult, analyse_file, check_models, resolve_models_dir, write_outputs
 from .query import query_hash, query_text
-from .schema import check_parquet_schema
+from .schema import check_parquet_schema, needed_columns
 from .utils import atomic_write_bytes, sha256_text
 
 CHECKPOINT_NAME = ".agc-sx-stream.pkl"
@@ -95,9 +87,7 @@ def _configuration_key(jobs: dict[str, _Job], query_sha: str, ml: bool, models: 
     return sha256_text(json.dumps(doc, sort_keys=True))
 
 
-def _models_fingerprint(models_dir: Path | None) -> str | None:
-    from .processor import resolve_models_dir
-
+def _models_fingerprint(models_dir: Path | None) -> str:
     directory = resolve_models_dir(models_dir)
     parts = []
     for name in ("model_even.json", "model_odd.json"):
@@ -124,11 +114,19 @@ def _start_delivery(backend: str, catalog: Catalog, output_dir: Path, *, workers
         except BaseException as err:  # handed to the main thread, which reports it
             outcome["error"] = err
         finally:
-            outcome["end"] = time.perf_counter()
+            outcome["end"] = time.time()
 
     thread = threading.Thread(target=target, name="agc-sx-delivery", daemon=True)
     thread.start()
     return thread, outcome
+
+
+def _timed_analyse(path: str, process: str, variation: str, weight: float, ml: bool, models_dir: Path | None,
+                   sample: str) -> tuple[ChunkResult, float, float]:
+    """Process one file in a worker; wall-clock start and end (comparable across processes) come back too."""
+    start = time.time()
+    result = analyse_file(path, process, variation, weight, ml=ml, models_dir=models_dir, sample=sample)
+    return result, start, time.time()
 
 
 def _overlap(busy: list[tuple[float, float]], start: float, end: float) -> float:
@@ -162,7 +160,7 @@ def run_streaming(
         raise StreamError("--workers must be at least 1")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    wall0 = time.perf_counter()
+    wall0, clock0 = time.perf_counter(), time.time()
     if ml:
         check_models(models_dir)
 
@@ -185,7 +183,7 @@ def run_streaming(
 
     delivery, outcome = _start_delivery(backend, catalog, output_dir, workers=workers, force=force,
                                         servicex=servicex or {})
-    in_flight: dict[Future[ChunkResult], tuple[str, OutputFile, float]] = {}
+    in_flight: dict[Future[tuple[ChunkResult, float, float]], OutputFile] = {}
     busy: list[tuple[float, float]] = []
     problems: dict[str, str] = {}
     total_files = sum(len(j.inputs) for j in jobs.values())
@@ -204,7 +202,7 @@ def run_streaming(
             for out in record.outputs:
                 if out.input not in job.inputs or out.file in state.accumulated:
                     continue
-                if any(o.file == out.file for _, o, _ in in_flight.values()):
+                if any(o.file == out.file for o in in_flight.values()):
                     continue
                 problem = out.verify(output_dir)
                 if problem is None:
@@ -216,9 +214,8 @@ def run_streaming(
                     problems[out.file] = problem  # may be re-delivered; checked again at the end
                     continue
                 problems.pop(out.file, None)
-                future = pool.submit(analyse_file, str(contained(output_dir, out.file)), job.process,
-                                     job.variation, job.weight, ml=ml, models_dir=models_dir, sample=name)
-                in_flight[future] = (name, out, time.perf_counter())
+                in_flight[pool.submit(_timed_analyse, str(contained(output_dir, out.file)), job.process,
+                                      job.variation, job.weight, ml, models_dir, name)] = out
 
     def collect(timeout: float) -> None:
         if not in_flight:
@@ -226,9 +223,9 @@ def run_streaming(
             return
         done, _ = wait(list(in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
         for future in done:
-            _name, out, started = in_flight.pop(future)
-            result = future.result()  # a processing error ends the run; the checkpoint keeps the rest
-            busy.append((started, time.perf_counter()))
+            out = in_flight.pop(future)
+            result, started, ended = future.result()  # an error ends the run; the checkpoint keeps the rest
+            busy.append((started, ended))
             state.result += result
             state.accumulated[out.file] = out.sha256
             state.save(checkpoint_path)
@@ -267,8 +264,9 @@ def run_streaming(
             + "\n".join(lines)
         )
 
-    delivery_seconds = outcome["end"] - wall0
+    delivery_seconds = outcome["end"] - clock0
     processing_seconds = sum(b - a for a, b in busy)
+    overlap = _overlap(busy, clock0, outcome["end"])
     stream_metrics = {
         "pipeline": f"streaming ({backend})",
         "backend": backend,
@@ -277,8 +275,8 @@ def run_streaming(
         "files_processed_this_run": len(busy),
         "delivery_wall_seconds": delivery_seconds,
         "processing_seconds": processing_seconds,
-        "processing_overlapping_delivery_seconds": _overlap(busy, wall0, outcome["end"]),
-        "overlap_fraction": (_overlap(busy, wall0, outcome["end"]) / processing_seconds) if busy else None,
+        "processing_overlapping_delivery_seconds": overlap,
+        "overlap_fraction": overlap / processing_seconds if processing_seconds > 0 else None,
     }
     samples = {name: (job.process, job.variation, job.weight) for name, job in jobs.items()}
     rows = {name: report.manifest.samples[name].rows for name in jobs}
@@ -323,5 +321,3 @@ class _Progress:
 
 
 __all__ = ["CHECKPOINT_NAME", "StreamError", "run_streaming"]
-
-_ = ProcessError  # re-exported failure type of the processing step

@@ -34,11 +34,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(target: Path, text: str) -> None:

@@ -8,6 +8,7 @@ from . import fit as _fit  # noqa: F401
 from . import generate as _generate  # noqa: F401
 from . import plot as _plot  # noqa: F401
 from . import process as _process  # noqa: F401
+from . import run as _run  # noqa: F401
 from . import train as _train  # noqa: F401
 from ._group import main
 
