@@ -59,6 +59,12 @@ def _exact_bin_sums(index: np.ndarray, values: np.ndarray, nbins: int) -> list[i
     return out
 
 
+def _exact_int(value: float) -> int:
+    """``value`` as an integer in units of 2**-_SHIFT (exact, as in :func:`_exact_bin_sums`)."""
+    mant, expo = np.frexp(np.float64(value))
+    return int(np.int64(mant * 2.0**53)) << (int(expo) - 53 + _SHIFT)
+
+
 def _to_float(value: int) -> float:
     return float(Fraction(value, 1 << _SHIFT))
 
@@ -81,14 +87,32 @@ class ExactHist:
 
     def fill(self, values: np.ndarray, weights: np.ndarray | float) -> None:
         values = np.asarray(values, dtype=np.float64)
-        w = np.broadcast_to(np.asarray(weights, dtype=np.float64), values.shape)
         if len(values) == 0:
             return
-        idx = bin_index(values, self.bins, self.lo, self.hi)
-        for acc, part in ((self.sumw, w), (self.sumw2, w * w)):
-            for b, s in enumerate(_exact_bin_sums(idx, part, self.bins + 2)):
-                acc[b] += s
-        self.entries += len(values)
+        self.fill_binned(bin_index(values, self.bins, self.lo, self.hi), weights)
+
+    def fill_binned(self, index: np.ndarray, weights: np.ndarray | float) -> None:
+        """Fill with precomputed :func:`bin_index` values (shared by all weight variations of a region).
+
+        A scalar weight adds ``count * w`` per bin as an exact integer, which is the same number the
+        element-wise sum gives (the sums are exact), without touching every entry.
+        """
+        if len(index) == 0:
+            return
+        nbins = self.bins + 2
+        if np.ndim(weights) == 0:
+            w = float(weights)
+            counts = np.bincount(index, minlength=nbins)
+            for acc, value in ((self.sumw, w), (self.sumw2, w * w)):
+                unit = _exact_int(value)
+                for b in np.flatnonzero(counts):
+                    acc[b] += int(counts[b]) * unit
+        else:
+            w = np.asarray(weights, dtype=np.float64)
+            for acc, part in ((self.sumw, w), (self.sumw2, w * w)):
+                for b, s in enumerate(_exact_bin_sums(index, part, nbins)):
+                    acc[b] += s
+        self.entries += len(index)
 
     def __iadd__(self, other: ExactHist) -> ExactHist:
         if (self.bins, self.lo, self.hi) != (other.bins, other.lo, other.hi):
@@ -135,17 +159,20 @@ def build_output(
     """Name the (group, process, variation) histograms, add ``{group}_pseudodata``, drop empty ones.
 
     ``groups`` are the regions (``histograms.root``) or the ML feature names (``histograms_ml.root``).
-    Pseudodata is built only when its three inputs exist.
+    An input of the pseudodata that was never filled (no W+jets event in 4j2b of a small sample) counts as
+    empty; the pseudodata is built when at least one of its inputs exists.
     """
     out: dict[str, hist.Hist] = {}
     for (group, process, variation), h in sorted(hists.items()):
         if not is_empty(h):
             out[hist_key(group, process, variation)] = h
     for group in groups:
-        parts = [hists.get((group, "ttbar", v)) for v in ("ME_var", "PS_var")]
-        wjets = hists.get((group, "wjets", "nominal"))
-        if parts[0] is not None and parts[1] is not None and wjets is not None:
-            pd = pseudodata(parts[0], parts[1], wjets)
+        parts = [hists.get(k) for k in ((group, "ttbar", "ME_var"), (group, "ttbar", "PS_var"),
+                                         (group, "wjets", "nominal"))]
+        template = next((h for h in parts if h is not None), None)
+        if template is not None:
+            me_var, ps_var, wjets = (h if h is not None else template * 0 for h in parts)
+            pd = pseudodata(me_var, ps_var, wjets)
             if not is_empty(pd):
                 out[f"{group}_pseudodata"] = pd
     return out

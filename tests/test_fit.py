@@ -273,5 +273,7 @@ def test_background_without_events_in_a_region_reads_as_zero(tmp_path: Path) -> 
     assert abs(result.value - 1.3) < result.error_up + result.error_down
 
     write_toy_histograms(path, drop=[k for k in toy_histograms() if "_wjets" in k])
-    with pytest.raises(FitError, match="wjets has no histogram at all"):
-        run_fit(path, tmp_path / "fit2", plots=False)
+    result = run_fit(path, tmp_path / "fit2", plots=False)
+    assert set(result.left_out) == {"4j1b_wjets", "4j2b_wjets"}
+    config = yaml.safe_load(result.config.read_text())
+    assert "wjets" not in [s["Name"] for s in config["Samples"]]

@@ -1,0 +1,130 @@
+"""``agc-sx demo``: the whole chain offline on generated events, the first command a newcomer runs.
+
+generate (NanoAOD-format toy events) -> deliver --backend local (the ServiceX skim through the same
+func-adl-uproot code path) -> process (coffea, systematics, BDT) -> plot -> fit. Every stage is the library
+function the corresponding command calls, so the demo exercises exactly what users run. A re-run in the same
+folder reuses the delivered files (same inputs, same query) and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .constants import REGIONS
+
+#: Events per generated sample of the default demo: about a minute on 2 cores, a visible ttbar peak.
+DEFAULT_EVENTS = 20000
+DEFAULT_SEED = 42
+
+
+class DemoError(RuntimeError):
+    """A demo stage failed; the message names the stage."""
+
+
+@dataclass
+class DemoSummary:
+    """What the demo did: events per stage, region yields, the fit result, where the files are, stage timings."""
+
+    workdir: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    events_generated: int = 0
+    events_delivered: int = 0
+    events_processed: int = 0
+    region_events: dict[str, int] = field(default_factory=dict)
+    region_yields: dict[str, dict[str, float]] = field(default_factory=dict)  # region -> process -> sum of weights
+    fit: Any = None  # agc_sx.fit.FitResult
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _yields(histograms: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Nominal sum of weights per region and process (and pseudodata), from the written histograms."""
+    from .constants import PROCESSES
+
+    out: dict[str, dict[str, float]] = {}
+    for region in REGIONS:
+        row = {}
+        for process in (*PROCESSES, "pseudodata"):
+            h = histograms.get(f"{region}_{process}")
+            row[process] = float(h.sum(flow=True).value) if h is not None else 0.0
+        out[region] = row
+    return out
+
+
+def run_demo(
+    workdir: Path,
+    *,
+    events: int = DEFAULT_EVENTS,
+    seed: int = DEFAULT_SEED,
+    workers: int = 2,
+    quiet: bool = False,
+    announce: Callable[[str], None] = print,
+) -> DemoSummary:
+    """Run generate -> deliver (local) -> process -> plot -> fit in ``workdir``; return the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if events < 100:
+        raise DemoError(f"--events must be at least 100, got {events}")
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    summary = DemoSummary(workdir)
+    stages = ("generate", "deliver", "process", "plot", "fit")
+
+    @contextmanager
+    def stage(name: str, what: str) -> Iterator[None]:
+        announce(f"[{stages.index(name) + 1}/{len(stages)}] {name}: {what}")
+        t0 = time.perf_counter()
+        try:
+            yield
+        except Exception as err:
+            raise DemoError(f"{name} failed: {err}") from err
+        summary.stage_seconds[name] = time.perf_counter() - t0
+
+    with stage("generate", f"{events:,} NanoAOD-format events per sample"):
+        from .generate import generate
+
+        catalog = generate(workdir / "nanoaod", events_per_file=events, files_per_sample=1, seed=seed,
+                           progress=not quiet)
+        summary.events_generated = catalog.nevts
+        summary.files["catalogue"] = workdir / "nanoaod" / "ntuples.json"
+
+    with stage("deliver", "the ServiceX skim query, run locally through func-adl-uproot"):
+        from .delivery.local import deliver_local
+
+        report = deliver_local(catalog, workdir / "outputs_databinder", workers=workers, quiet=quiet)
+        if not report.ok:
+            raise DemoError("deliver: " + "; ".join(report.failures))
+        summary.events_delivered = sum(r.rows for r in report.manifest)
+        summary.files["delivery"] = workdir / "outputs_databinder"
+
+    with stage("process", "regions, systematics and the BDT jet-parton assignment (coffea)"):
+        from .processor import run_processor
+
+        executor = "futures" if workers > 1 else "iterative"
+        result = run_processor(workdir / "outputs_databinder", output=workdir / "histograms.root",
+                               executor=executor, workers=workers, quiet=quiet)
+        summary.events_processed = int(result.metrics["events_read"])
+        summary.region_events = dict(result.metrics["events_per_region"])
+        summary.region_yields = _yields(result.histograms)
+        summary.files["histograms"] = result.output
+        if result.ml_output is not None:
+            summary.files["ML histograms"] = result.ml_output
+        summary.files["metrics"] = result.metrics_path
+
+    with stage("plot", "stacked regions, systematic variations, ML observables"):
+        from .plotting import plot_all
+
+        plot_all(workdir / "histograms.root", workdir / "plots")
+        summary.files["plots"] = workdir / "plots"
+
+    with stage("fit", "cabinetry fit of ttbar_norm to the pseudodata"):
+        from .fit import run_fit
+
+        summary.fit = run_fit(workdir / "histograms.root", workdir / "fit")
+        summary.files["fit"] = workdir / "fit"
+    return summary
