@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from .. import __version__
+from ..catalogue import Catalog, load_catalog
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,3 +51,36 @@ def user_errors(*kinds: type[BaseException]) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return deco
+
+
+def catalog_options(func: F) -> F:
+    """``--catalog``, ``--n-files`` and ``--samples``: which inputs of which catalogue a command works on."""
+    for option in reversed((
+        click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Sample catalogue [default: the bundled ntuples.json]."),
+        click.option("--n-files", type=click.IntRange(min=1), default=None,
+                     help="Only the first N files of each sample (normalisation follows)."),
+        click.option("--samples", "samples", metavar="S1,S2", default=None,
+                     help="Comma-separated samples: process__variation or a bare process [default: all]."),
+    )):
+        func = option(func)
+    return func
+
+
+def select_catalog(catalog_path: Path | None, n_files: int | None, samples: str | None) -> Catalog:
+    """The catalogue restricted as :func:`catalog_options` asked."""
+    names = [n.strip() for n in samples.split(",") if n.strip()] if samples else None
+    return load_catalog(catalog_path).select(names, n_files)
+
+
+def servicex_options(func: F) -> F:
+    """How to reach the ServiceX server: ``--servicex-config``, ``--endpoint``, ``--ignore-cache``."""
+    for option in reversed((
+        click.option("--servicex-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="ServiceX: servicex.yaml to use instead of the client's usual search."),
+        click.option("--endpoint", metavar="NAME", default=None,
+                     help="ServiceX: endpoint name from the configuration [default: its default endpoint]."),
+        click.option("--ignore-cache", is_flag=True, help="ServiceX: do not reuse the client's cached transforms."),
+    )):
+        func = option(func)
+    return func

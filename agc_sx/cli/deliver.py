@@ -7,11 +7,11 @@ from typing import Any
 
 import click
 
-from ..catalogue import CatalogError, load_catalog
+from ..catalogue import CatalogError
 from ..delivery.common import DeliveryError
 from ..manifest import ManifestError
 from ..query import QueryError
-from ._group import fail, main, user_errors
+from ._group import catalog_options, fail, main, select_catalog, servicex_options, user_errors
 
 #: Options that only mean something to the ServiceX backend: (parameter name, flag, default).
 _SERVICEX_ONLY = (
@@ -26,12 +26,7 @@ _SERVICEX_ONLY = (
 @main.command("deliver")
 @click.option("--backend", type=click.Choice(["servicex", "local"]), default="servicex", show_default=True,
               help="Run the skim on a ServiceX server, or here through the same func-adl-uproot code path.")
-@click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Sample catalogue [default: the bundled ntuples.json].")
-@click.option("--n-files", type=click.IntRange(min=1), default=None,
-              help="Only the first N files of each sample (normalisation follows).")
-@click.option("--samples", "samples", metavar="S1,S2", default=None,
-              help="Comma-separated samples: process__variation or a bare process [default: all].")
+@catalog_options
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs_databinder"),
               show_default=True, help="Delivery folder: DIR/<process>__<variation>/*.parquet and DIR/manifest.json.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -39,11 +34,7 @@ _SERVICEX_ONLY = (
 @click.option("--force", is_flag=True, help="Redo every output, even those already delivered with this query.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--show-query", is_flag=True, help="Print the qastle text that would be sent, and exit.")
-@click.option("--servicex-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="ServiceX: servicex.yaml to use instead of the client's usual search.")
-@click.option("--endpoint", metavar="NAME", default=None,
-              help="ServiceX: endpoint name from the configuration [default: its default endpoint].")
-@click.option("--ignore-cache", is_flag=True, help="ServiceX: do not reuse the client's cached transforms.")
+@servicex_options
 @click.option("--dataset-type", type=click.Choice(["filelist", "rucio", "cernopendata"]), default="filelist",
               show_default=True, help="ServiceX: how catalogue paths are handed to the server.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -89,8 +80,7 @@ def deliver(
         _finish(report)
         return
 
-    names = [n.strip() for n in samples.split(",") if n.strip()] if samples else None
-    catalog = load_catalog(catalog_path).select(names, n_files)
+    catalog = select_catalog(catalog_path, n_files, samples)
     if backend == "local":
         from ..delivery.local import deliver_local
 

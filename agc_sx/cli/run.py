@@ -6,23 +6,18 @@ from pathlib import Path
 
 import click
 
-from ..catalogue import CatalogError, load_catalog
+from ..catalogue import CatalogError
 from ..delivery.common import DeliveryError
 from ..manifest import ManifestError
 from ..processor import ProcessError
 from ..streaming import StreamError, run_streaming
-from ._group import main, user_errors
+from ._group import catalog_options, main, select_catalog, servicex_options, user_errors
 
 
 @main.command("run")
 @click.option("--backend", type=click.Choice(["servicex", "local"]), default="servicex", show_default=True,
               help="Where the skim runs: a ServiceX server, or here through the same func-adl-uproot code path.")
-@click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Sample catalogue [default: the bundled ntuples.json].")
-@click.option("--n-files", type=click.IntRange(min=1), default=None,
-              help="Only the first N files of each sample (normalisation follows).")
-@click.option("--samples", "samples", metavar="S1,S2", default=None,
-              help="Comma-separated samples: process__variation or a bare process [default: all].")
+@catalog_options
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs_databinder"),
               show_default=True, help="Delivery folder (same layout and manifest as agc-sx deliver).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("histograms.root"),
@@ -34,11 +29,7 @@ from ._group import main, user_errors
               help="Folder with model_even.json and model_odd.json [default: the bundled models].")
 @click.option("--force", is_flag=True, help="Redo the delivery and the processing from scratch (ignore the checkpoint).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--servicex-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="ServiceX: servicex.yaml to use instead of the client's usual search.")
-@click.option("--endpoint", metavar="NAME", default=None,
-              help="ServiceX: endpoint name from the configuration [default: its default endpoint].")
-@click.option("--ignore-cache", is_flag=True, help="ServiceX: do not reuse the client's cached transforms.")
+@servicex_options
 @user_errors(CatalogError, DeliveryError, ManifestError, ProcessError, StreamError)
 def run(backend: str, catalog_path: Path | None, n_files: int | None, samples: str | None, output_dir: Path,
         output: Path, workers: int, no_ml: bool, models_dir: Path | None, force: bool, quiet: bool,
@@ -50,8 +41,7 @@ def run(backend: str, catalog_path: Path | None, n_files: int | None, samples: s
     """
     if backend == "local" and (servicex_config or endpoint or ignore_cache):
         raise click.UsageError("--servicex-config, --endpoint and --ignore-cache are only for --backend servicex")
-    names = [n.strip() for n in samples.split(",") if n.strip()] if samples else None
-    catalog = load_catalog(catalog_path).select(names, n_files)
+    catalog = select_catalog(catalog_path, n_files, samples)
     servicex = {"servicex_config": servicex_config, "endpoint": endpoint, "ignore_cache": ignore_cache}
     result = run_streaming(catalog, output_dir, backend=backend, output=output, workers=workers, ml=not no_ml,
                            models_dir=models_dir, force=force, quiet=quiet,
