@@ -101,17 +101,17 @@ class ExactHist:
             return
         nbins = self.bins + 2
         if np.ndim(weights) == 0:
-            w = float(weights)
+            scalar = float(weights)
             counts = np.bincount(index, minlength=nbins)
-            for acc, value in ((self.sumw, w), (self.sumw2, w * w)):
+            for acc, value in ((self.sumw, scalar), (self.sumw2, scalar * scalar)):
                 unit = _exact_int(value)
                 for b in np.flatnonzero(counts):
                     acc[b] += int(counts[b]) * unit
         else:
-            w = np.asarray(weights, dtype=np.float64)
-            for acc, part in ((self.sumw, w), (self.sumw2, w * w)):
-                for b, s in enumerate(_exact_bin_sums(index, part, nbins)):
-                    acc[b] += s
+            array = np.asarray(weights, dtype=np.float64)
+            for acc, part in ((self.sumw, array), (self.sumw2, array * array)):
+                for i, s in enumerate(_exact_bin_sums(index, part, nbins)):
+                    acc[i] += s
         self.entries += len(index)
 
     def __iadd__(self, other: ExactHist) -> ExactHist:

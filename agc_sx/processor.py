@@ -6,6 +6,12 @@ it unchanged. :class:`AGCProcessor` wraps it for coffea's ``Runner`` and returns
 (sample, file, entry range); :func:`merge_chunks` adds those in sorted key order. With the exact histogram sums
 of :mod:`agc_sx.histograms` the result is bit-identical whatever the executor, worker count, chunking or
 completion order.
+
+Two drivers feed it through coffea's Runner: :func:`run_processor` (a delivery folder, ``format="parquet"``) and
+:func:`run_direct` (a catalogue's NanoAOD ROOT files, ``format="root"``, the delivery skim applied in the
+processor first so both give identical histograms). Both can run ``io_only`` (read the needed columns, nothing
+else) and record in metrics.json the pipeline, the columns coffea actually touched, bytes, events and the wall
+and CPU time per stage.
 """
 
 from __future__ import annotations
@@ -31,20 +37,22 @@ import numpy as np
 from coffea import processor
 
 from . import __version__
-from .constants import LUMI_PB, REGIONS, TTBAR_ALTERNATIVES
-from .histograms import ExactHist, build_output, write_root
+from .catalogue import Catalog
+from .constants import HIST_BINS, HIST_RANGE, JET_PT_MIN, JET_VARIATIONS, LUMI_PB, REGIONS, TTBAR_ALTERNATIVES
+from .histograms import ExactHist, bin_index, build_output, write_root
 from .manifest import Manifest, ManifestError, SampleRecord, contained
-from .schema import AGCSkimSchema, SchemaError, check_parquet_schema, needed_columns
+from .schema import COLLECTIONS, AGCSkimSchema, SchemaError, check_parquet_schema, needed_columns
 from .selection import (
     Collection,
-    TrigCache,
+    EventSelection,
     btag_mask,
+    flat_column,
     jet_mask_fixed,
-    observable,
-    select_events,
     select_leptons,
+    select_variations,
     selected_jets,
     single_lepton,
+    skim_mask,
 )
 from .systematics import btag_weight_factors, jet_pt_variations, scale_var_factors
 from .utils import atomic_write_text
@@ -70,7 +78,9 @@ class ChunkResult:
 
     hists: dict[HistKey, ExactHist] = field(default_factory=dict)
     ml_hists: dict[HistKey, ExactHist] = field(default_factory=dict)
-    events: dict[str, int] = field(default_factory=dict)  # per sample
+    events: dict[str, int] = field(default_factory=dict)  # per sample: events read
+    skimmed: dict[str, int] = field(default_factory=dict)  # per sample: events after the skim (= read for parquet)
+    bytes_read: int = 0  # bytes materialised (filled by --io-only)
     region_events: dict[str, dict[str, int]] = field(default_factory=dict)  # sample -> region -> events
     cpu_seconds: float = 0.0
     chunks: int = 0
@@ -82,8 +92,10 @@ class ChunkResult:
                     mine[key] += h
                 else:
                     mine[key] = h + ExactHist(h.bins, h.lo, h.hi)
-        for sample, n in other.events.items():
-            self.events[sample] = self.events.get(sample, 0) + n
+        for mine_n, theirs_n in ((self.events, other.events), (self.skimmed, getattr(other, "skimmed", {}))):
+            for sample, n in theirs_n.items():
+                mine_n[sample] = mine_n.get(sample, 0) + n
+        self.bytes_read += getattr(other, "bytes_read", 0)
         for sample, regions in other.region_events.items():
             mine_r = self.region_events.setdefault(sample, {})
             for region, n in regions.items():
@@ -101,65 +113,86 @@ class MLConfig:
     nthread: int = 1
 
 
-def _fill(store: dict[HistKey, ExactHist], key: HistKey, values: np.ndarray, weights: np.ndarray | float,
-          binning: tuple[int, float, float] | None = None) -> None:
+def _hist(store: dict[HistKey, ExactHist], key: HistKey,
+          binning: tuple[int, float, float] | None = None) -> ExactHist:
     if key not in store:
         store[key] = ExactHist(*binning) if binning else ExactHist()
-    store[key].fill(values, weights)
+    return store[key]
+
+
+def _fill(store: dict[HistKey, ExactHist], key: HistKey, values: np.ndarray, weights: np.ndarray | float,
+          binning: tuple[int, float, float] | None = None) -> None:
+    _hist(store, key, binning).fill(values, weights)
+
+
+def _jet_fields(ml: bool) -> tuple[str, ...]:
+    return ("pt", "eta", "phi", "mass", "btagCSVV2", "jetId") + (("qgl",) if ml else ())
 
 
 def analyse_events(events: Any, process: str, variation: str, weight: float, *,
-                   ml: MLConfig | None = None, sample: str | None = None) -> ChunkResult:
+                   ml: MLConfig | None = None, sample: str | None = None, skim: bool = False) -> ChunkResult:
     """Select, reconstruct and histogram one chunk of events of one sample (``process``, ``variation``).
 
     ``weight`` is the per-event normalisation ``xsec * lumi / nevts_total``. For ``nominal`` samples the jet
     variations (``pt_scale_up``, ``pt_res_up``) and the weight variations are filled too; other samples (the
-    ttbar alternatives) are filled once, under their variation name.
+    ttbar alternatives) are filled once, under their variation name. ``skim`` applies the delivery skim first
+    (direct processing of unskimmed NanoAOD), so that the result equals deliver + process.
     """
     t0 = time.thread_time()
     sample = sample or f"{process}__{variation}"
-    jet_fields = ("pt", "eta", "phi", "mass", "btagCSVV2", "jetId") + (("qgl",) if ml else ())
     lep_p4 = ("phi", "mass") if ml else ()
-    jets = Collection.from_awkward(events.Jet, jet_fields)
+    jets = Collection.from_awkward(events.Jet, _jet_fields(ml is not None))
     electrons = Collection.from_awkward(events.Electron, ("pt", "eta", "cutBased", "sip3d", *lep_p4))
     muons = Collection.from_awkward(events.Muon, ("pt", "eta", "tightId", "sip3d", "pfRelIso04_all", *lep_p4))
-    run = np.asarray(events.run)
-    lumi = np.asarray(events.luminosityBlock)
-    event_number = np.asarray(events.event)
+    run = flat_column(events.run)
+    lumi = flat_column(events.luminosityBlock)
+    event_number = flat_column(events.event)
+    n_read = len(run)
 
     leptons = select_leptons(electrons, muons)
-    fixed, tagged, trig = jet_mask_fixed(jets), btag_mask(jets), TrigCache(len(jets["pt"]))
-    if variation == "nominal":
-        pts = jet_pt_variations(jets["pt"], run, lumi, event_number, jets.offsets)
-    else:
-        pts = {"nominal": jets["pt"]}
+    if skim:
+        keep = skim_mask(jets, leptons)
+        jets, electrons, muons = jets.take(keep), electrons.take(keep), muons.take(keep)
+        run, lumi, event_number = run[keep], lumi[keep], event_number[keep]
+        leptons = select_leptons(electrons, muons)  # recomputed on the kept events (cheap, flat cuts)
+    fixed, tagged = jet_mask_fixed(jets), btag_mask(jets)
+    varied = variation == "nominal"
+    vsel = select_variations(jets, leptons.one_lepton, run, lumi, event_number, variations=varied,
+                             fixed_mask=fixed, tagged=tagged)
 
-    out = ChunkResult(events={sample: len(run)}, chunks=1)
+    out = ChunkResult(events={sample: n_read}, skimmed={sample: len(run)}, chunks=1)
+    pts: dict[str, np.ndarray] | None = None
     feature_bins = None
     if ml is not None:
         from .ml import FEATURES
 
         feature_bins = FEATURES
-    for jet_variation, pt in pts.items():
-        sel = select_events(jets, pt, leptons.one_lepton, fixed_mask=fixed, tagged=tagged, trig=trig)
+    for v, jet_variation in enumerate(JET_VARIATIONS if varied else ("nominal",)):
         name = variation if jet_variation == "nominal" else jet_variation
         for region in REGIONS:
-            in_region = sel.in_region(region)
-            obs = observable(sel, region)
+            in_region = vsel.in_region(v, region)
+            obs = vsel.obs[v][in_region]
+            index = bin_index(obs, HIST_BINS, *HIST_RANGE)
             weights: dict[str, np.ndarray | float] = {name: weight}
             if jet_variation == "nominal":
-                out.region_events.setdefault(sample, {})[region] = int(in_region.sum())
-                if variation == "nominal":
-                    for wname, factor in btag_weight_factors(sel.lead_pt[in_region]).items():
+                out.region_events.setdefault(sample, {})[region] = len(obs)
+                if varied:
+                    for wname, factor in btag_weight_factors(vsel.lead_pt[in_region]).items():
                         weights[wname] = weight * factor
                     if process == "wjets":
                         for wname, f in scale_var_factors().items():
                             weights[wname] = weight * f
             for wname, w in weights.items():
-                _fill(out.hists, (region, process, wname), obs, w)
+                _hist(out.hists, (region, process, wname)).fill_binned(index, w)
             if ml is not None and feature_bins is not None and region == "4j2b" and len(obs):
                 from .ml import best_permutation_features
 
+                if pts is None:
+                    pts = (jet_pt_variations(jets["pt"], run, lumi, event_number, jets.offsets) if varied
+                           else {"nominal": jets["pt"]})
+                pt = pts[jet_variation]
+                sel = EventSelection(vsel.region[v], np.empty(0), np.empty(0), np.empty(0),
+                                     np.asarray((pt > JET_PT_MIN) & fixed))
                 features = best_permutation_features(
                     selected_jets(jets, pt, sel, in_region), single_lepton(electrons, muons, leptons, in_region),
                     event_number[in_region], ml.models, nthread=ml.nthread,
@@ -171,19 +204,39 @@ def analyse_events(events: Any, process: str, variation: str, weight: float, *,
     return out
 
 
+def read_columns(events: Any, columns: list[str]) -> int:
+    """Read (materialise) exactly ``columns`` of a chunk and nothing else: the I/O ceiling (``--io-only``).
+
+    Returns the number of bytes materialised. Collection columns are named as in the file (``Jet_pt``).
+    """
+    total = 0
+    for name in columns:
+        coll, _, field_name = name.partition("_")
+        if coll in COLLECTIONS and field_name:
+            c = Collection.from_awkward(events[coll], (field_name,))
+            total += c.offsets.nbytes + c.fields[field_name].nbytes
+        else:
+            total += flat_column(events[name]).nbytes
+    return total
+
+
 class AGCProcessor(processor.ProcessorABC):
     """coffea processor: one :class:`ChunkResult` per chunk, keyed so that merging order is canonical.
 
     ``samples`` maps the fileset name (``process__variation``) to (process, variation, weight). The BDT models
-    are loaded lazily in each worker (boosters are not shipped with the processor).
+    are loaded lazily in each worker (boosters are not shipped with the processor). ``skim`` applies the
+    delivery skim first (direct NanoAOD input); ``io_only`` reads ``columns`` and does nothing else.
     """
 
     def __init__(self, samples: Mapping[str, tuple[str, str, float]], *, ml: bool = False,
-                 models_dir: Path | None = None, nthread: int = 1) -> None:
+                 models_dir: Path | None = None, nthread: int = 1, skim: bool = False,
+                 io_only: bool = False) -> None:
         self.samples = dict(samples)
         self.ml = ml
         self.models_dir = models_dir
         self.nthread = nthread
+        self.skim = skim
+        self.io_only = io_only
         self._ml_config: MLConfig | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -201,8 +254,14 @@ class AGCProcessor(processor.ProcessorABC):
     def process(self, events: Any) -> dict[tuple[str, str, int], ChunkResult]:
         meta = events.metadata
         process_name, variation, weight = self.samples[meta["dataset"]]
-        result = analyse_events(events, process_name, variation, weight, ml=self.ml_config(),
-                                sample=meta["dataset"])
+        if self.io_only:
+            t0 = time.thread_time()
+            n_bytes = read_columns(events, needed_columns(self.ml))
+            result = ChunkResult(events={meta["dataset"]: len(events)}, bytes_read=n_bytes, chunks=1,
+                                 cpu_seconds=time.thread_time() - t0)
+        else:
+            result = analyse_events(events, process_name, variation, weight, ml=self.ml_config(),
+                                    sample=meta["dataset"], skim=self.skim)
         return {(meta["dataset"], meta["filename"], int(meta["entrystart"])): result}
 
     def postprocess(self, accumulator: Any) -> Any:
@@ -385,6 +444,64 @@ def _finalise(store: Mapping[HistKey, ExactHist], groups: Any, label: str) -> di
     return build_output({k: h.to_hist(label) for k, h in store.items()}, groups)
 
 
+class _Stages:
+    """Wall and driver CPU time per stage of a run (``metrics.json`` ``stages``)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Any:
+        w0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.stages[name] = {"wall_seconds": time.perf_counter() - w0,
+                                 "cpu_seconds_driver": time.process_time() - c0}
+
+
+def _check_options(executor: str, workers: int, scheduler: str | None, chunksize: int | None) -> None:
+    if executor not in EXECUTORS:
+        raise ProcessError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
+    if workers < 1:
+        raise ProcessError("--workers must be at least 1")
+    if chunksize is not None and chunksize < 1:
+        raise ProcessError("--chunksize must be at least 1")
+    if scheduler and executor != "dask":
+        raise ProcessError("--scheduler only applies to --executor dask")
+
+
+def _run_runner(fileset: dict[str, dict[str, Any]], proc: AGCProcessor, *, fmt: str, treename: str,
+                executor: str, workers: int, scheduler: str | None, chunksize: int,
+                quiet: bool) -> tuple[dict[tuple[str, str, int], ChunkResult], dict[str, Any]]:
+    """coffea's Runner over ``fileset``: the per-chunk results and coffea's metrics (columns touched, bytes)."""
+    if not fileset:
+        return {}, {}
+    exe, client = _executor(executor, workers, scheduler, quiet)
+    try:
+        runner = processor.Runner(executor=exe, pre_executor=processor.IterativeExecutor(status=False),
+                                  schema=AGCSkimSchema, format=fmt, chunksize=chunksize, savemetrics=True)
+        # coffea 2026.9 shows its rich progress bars even with status=False: silence them for --quiet
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            chunks, metrics = runner(fileset, proc, treename=treename)
+    finally:
+        if client is not None:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    return chunks, dict(metrics)
+
+
+def columns_touched(metrics: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(branches, buffers) coffea materialised, from the Runner's ``savemetrics`` access log.
+
+    Buffers are ``{branch}-{data|offsets}``; a branch counts as read when any of its buffers was.
+    """
+    buffers = sorted(str(b) for b in metrics.get("columns", ()))
+    return sorted({b.rsplit("-", 1)[0] for b in buffers}), buffers
+
+
 def run_processor(
     input_dir: Path,
     *,
@@ -397,77 +514,151 @@ def run_processor(
     ml: bool = True,
     models_dir: Path | None = None,
     quiet: bool = False,
+    io_only: bool = False,
 ) -> RunResult:
     """Process a delivery folder into ``output`` (histograms.root), ``histograms_ml.root`` and metrics.json.
 
     Every check (manifest, sample status, checksums, column types, BDT models) runs before any processing, so
     a refused input never leaves a histograms file behind; outputs are written atomically at the very end.
+    ``io_only`` reads the needed columns, does nothing else and writes only metrics.json (the I/O ceiling).
     """
-    if executor not in EXECUTORS:
-        raise ProcessError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
-    if workers < 1:
-        raise ProcessError("--workers must be at least 1")
-    if chunksize is not None and chunksize < 1:
-        raise ProcessError("--chunksize must be at least 1")
-    if scheduler and executor != "dask":
-        raise ProcessError("--scheduler only applies to --executor dask")
+    _check_options(executor, workers, scheduler, chunksize)
     output = Path(output)
     wall0 = time.perf_counter()
-    manifest = Manifest.load(input_dir)
-    columns = needed_columns(ml)
-    plan = plan_inputs(manifest, allow_incomplete=allow_incomplete, columns=columns)
-    nthread = workers if executor == "iterative" else 1
-    proc = AGCProcessor(plan.samples, ml=ml, models_dir=models_dir, nthread=nthread)
-    if ml:
-        check_models(models_dir)  # fail early (and once) on missing or broken models
-
-    chunks: dict[tuple[str, str, int], ChunkResult] = {}
-    if plan.fileset:
-        exe, client = _executor(executor, workers, scheduler, quiet)
-        try:
-            runner = processor.Runner(executor=exe, pre_executor=processor.IterativeExecutor(status=False),
-                                      schema=AGCSkimSchema, format="parquet",
-                                      chunksize=chunksize or max(plan.max_rows, 1), savemetrics=False)
-            # coffea 2026.9 shows its rich progress bars even with status=False: silence them for --quiet
-            with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-                chunks = runner(plan.fileset, proc, treename="events")
-        finally:
-            if client is not None:
-                cluster = getattr(client, "cluster", None)
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+    stage = _Stages()
+    with stage("plan"):
+        manifest = Manifest.load(input_dir)
+        columns = needed_columns(ml)
+        plan = plan_inputs(manifest, allow_incomplete=allow_incomplete, columns=columns)
+        nthread = workers if executor == "iterative" else 1
+        proc = AGCProcessor(plan.samples, ml=ml, models_dir=models_dir, nthread=nthread, io_only=io_only)
+        if ml and not io_only:
+            check_models(models_dir)  # fail early (and once) on missing or broken models
+    with stage("process"):
+        chunks, coffea_metrics = _run_runner(
+            plan.fileset, proc, fmt="parquet", treename="events", executor=executor, workers=workers,
+            scheduler=scheduler, chunksize=chunksize or max(plan.max_rows, 1), quiet=quiet)
     total = merge_chunks(chunks)
+    branches, buffers = columns_touched(coffea_metrics)
     return write_outputs(
         total, output, ml=ml, started=wall0, samples=plan.samples, rows=plan.rows, files=plan.files,
         bytes_read=plan.bytes_read, columns=columns, executor=executor, workers=workers,
         extra={"input": str(Path(input_dir).resolve()), "scheduler": scheduler,
-               "chunksize": chunksize or max(plan.max_rows, 1)},
+               "chunksize": chunksize or max(plan.max_rows, 1), "columns_read": branches,
+               "buffers_read": buffers},
+        pipeline="deliver+process", stages=stage.stages, io_only=io_only,
+    )
+
+
+#: Events per chunk when reading NanoAOD ROOT files directly (real files hold up to ~1 M events).
+DIRECT_CHUNKSIZE = 250_000
+
+
+def run_direct(
+    catalog: Catalog | Path | str,
+    *,
+    n_files: int | None = None,
+    samples: list[str] | None = None,
+    output: Path = Path("histograms.root"),
+    executor: str = "iterative",
+    workers: int = 1,
+    scheduler: str | None = None,
+    chunksize: int | None = None,
+    ml: bool = True,
+    models_dir: Path | None = None,
+    quiet: bool = False,
+    io_only: bool = False,
+) -> RunResult:
+    """The ``coffea`` pipeline: process the catalogue's NanoAOD ROOT files directly, no delivery.
+
+    The skim is applied in the processor first, so the histograms equal deliver(local) + process of the same
+    files; normalisation uses the catalogue's ``nevts`` of the files processed (the first ``n_files`` of each
+    sample). Any path uproot opens works (local, ``root://``, ``https://``); only the needed branches are read.
+    """
+    from .catalogue import CatalogError, load_catalog
+
+    _check_options(executor, workers, scheduler, chunksize)
+    output = Path(output)
+    wall0 = time.perf_counter()
+    stage = _Stages()
+    with stage("plan"):
+        cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
+        try:
+            cat = cat.select(samples, n_files)
+        except CatalogError as err:
+            raise ProcessError(str(err)) from None
+        weights: dict[str, tuple[str, str, float]] = {}
+        fileset: dict[str, dict[str, Any]] = {}
+        for sample in cat:
+            if sample.nevts_total <= 0:
+                raise ProcessError(f"sample {sample.name} has no input events to normalise to (nevts 0)")
+            # the same expression as sample_weight() of a delivery, so both pipelines weight identically
+            weights[sample.name] = (sample.process, sample.variation, sample.xsec * LUMI_PB / sample.nevts_total)
+            fileset[sample.name] = {"files": {f.path: "Events" for f in sample.files}}
+        if not fileset:
+            raise ProcessError(f"{cat.source}: no samples selected")
+        columns = needed_columns(ml)
+        nthread = workers if executor == "iterative" else 1
+        proc = AGCProcessor(weights, ml=ml, models_dir=models_dir, nthread=nthread, skim=True, io_only=io_only)
+        if ml and not io_only:
+            check_models(models_dir)
+    with stage("process"):
+        try:
+            chunks, coffea_metrics = _run_runner(
+                fileset, proc, fmt="root", treename="Events", executor=executor, workers=workers,
+                scheduler=scheduler, chunksize=chunksize or DIRECT_CHUNKSIZE, quiet=quiet)
+        except OSError as err:
+            raise ProcessError(f"cannot read the input files: {err}") from None
+    total = merge_chunks(chunks)
+    branches, buffers = columns_touched(coffea_metrics)
+    return write_outputs(
+        total, output, ml=ml, started=wall0, samples=weights, rows=dict(total.skimmed),
+        files=cat.n_files, bytes_read=int(coffea_metrics.get("bytesread", 0)), columns=columns,
+        executor=executor, workers=workers,
+        extra={"input": str(cat.source), "scheduler": scheduler, "chunksize": chunksize or DIRECT_CHUNKSIZE,
+               "nevts_per_sample": {s.name: s.nevts_total for s in cat}, "columns_read": branches,
+               "buffers_read": buffers},
+        pipeline="direct", stages=stage.stages, io_only=io_only,
     )
 
 
 def write_outputs(
     total: ChunkResult, output: Path, *, ml: bool, started: float, samples: Mapping[str, tuple[str, str, float]],
     rows: Mapping[str, int], files: int, bytes_read: int, columns: list[str], executor: str, workers: int,
-    extra: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None, pipeline: str = "deliver+process",
+    stages: Mapping[str, Mapping[str, float]] | None = None, io_only: bool = False,
 ) -> RunResult:
     """Turn merged exact sums into histograms and write histograms.root, histograms_ml.root and metrics.json.
 
     ``started`` is the ``time.perf_counter()`` of the start of the run (for wall time and the event rate).
+    With ``io_only`` only metrics.json is written (nothing was histogrammed). ``extra`` overrides any key.
     """
     output = Path(output)
-    histograms = _finalise(total.hists, REGIONS, "observable [GeV]")
+    w0, c0 = time.perf_counter(), time.process_time()
+    histograms: dict[str, hist.Hist] = {}
     ml_histograms: dict[str, hist.Hist] = {}
-    if ml:
-        from .ml import FEATURE_NAMES
+    if not io_only:
+        histograms = _finalise(total.hists, REGIONS, "observable [GeV]")
+        if ml:
+            from .ml import FEATURE_NAMES
 
-        ml_histograms = _finalise(total.ml_hists, FEATURE_NAMES, "feature")
+            ml_histograms = _finalise(total.ml_hists, FEATURE_NAMES, "feature")
+    metrics_path = output.parent / METRICS_NAME
+    ml_output = output.parent / ML_OUTPUT_NAME if ml and not io_only else None
+    if not io_only:
+        write_root(output, histograms)
+        if ml_output is not None:
+            write_root(ml_output, ml_histograms)
+    all_stages = {k: dict(v) for k, v in (stages or {}).items()}
+    all_stages.setdefault("process", {})["cpu_seconds_chunks"] = total.cpu_seconds
+    all_stages["write"] = {"wall_seconds": time.perf_counter() - w0, "cpu_seconds_driver": time.process_time() - c0}
     wall = time.perf_counter() - started
     n_events = sum(total.events.values())
-    metrics_path = output.parent / METRICS_NAME
-    ml_output = output.parent / ML_OUTPUT_NAME if ml else None
+    skimmed = total.skimmed or total.events
     metrics: dict[str, Any] = {
-        "output": str(output),
+        "pipeline": pipeline,
+        "mode": "io-only" if io_only else "analysis",
+        "output": None if io_only else str(output),
         "ml_output": str(ml_output) if ml_output else None,
         "executor": executor,
         "workers": workers,
@@ -475,17 +666,21 @@ def write_outputs(
         "files": files,
         "events_read": n_events,
         "events_per_sample": dict(sorted(total.events.items())),
+        "events_after_skim": sum(skimmed.values()),
+        "events_after_skim_per_sample": dict(sorted(skimmed.items())),
         "rows_per_sample": dict(sorted(rows.items())),
         "events_per_region": {
             region: sum(r.get(region, 0) for r in total.region_events.values()) for region in REGIONS
         },
         "events_per_sample_region": dict(sorted(total.region_events.items())),
         "bytes_read": bytes_read,
+        "bytes_materialised": total.bytes_read if io_only else None,
         "columns": columns,
         "wall_seconds": wall,
         "cpu_seconds_processing": total.cpu_seconds,
         "cpu_seconds_driver": time.process_time(),
         "event_rate_hz": n_events / wall if wall > 0 else None,
+        "stages": all_stages,
         "peak_rss_mb_driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "histograms": len(histograms),
         "ml_histograms": len(ml_histograms),
@@ -494,9 +689,6 @@ def write_outputs(
         "host": {"cpus": os.cpu_count(), "platform": sys.platform},
         **dict(extra or {}),
     }
-    write_root(output, histograms)
-    if ml_output is not None:
-        write_root(ml_output, ml_histograms)
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     return RunResult(histograms, ml_histograms, metrics, output, ml_output, metrics_path)
 
@@ -511,9 +703,12 @@ __all__ = [
     "analyse_events",
     "analyse_file",
     "check_models",
+    "columns_touched",
     "merge_chunks",
     "needed_columns",
+    "read_columns",
     "resolve_models_dir",
+    "run_direct",
     "run_processor",
     "write_outputs",
 ]

@@ -120,6 +120,9 @@ class AGCSkimSchema(BaseSchema):
             else:
                 out[name] = form
         for coll, forms in grouped.items():
+            # zip_forms takes the list offsets from the first field: make it pt, which every run reads anyway,
+            # so that no other branch (e.g. NanoAOD's Electron_deltaEtaSC) is read just for its offsets
+            forms = dict(sorted(forms.items(), key=lambda item: item[0] != "pt"))
             if forms:
                 has_p4 = {"pt", "eta", "phi", "mass"} <= forms.keys()
                 out[coll] = zip_forms(forms, coll, "PtEtaPhiMLorentzVector" if has_p4 else None)

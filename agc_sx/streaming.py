@@ -200,7 +200,12 @@ def run_streaming(
             if record is None:
                 continue
             for out in record.outputs:
-                if out.input not in job.inputs or out.file in state.accumulated:
+                if out.input not in job.inputs:
+                    continue
+                if out.file in state.accumulated:
+                    if state.accumulated[out.file] != out.sha256:
+                        raise StreamError(f"{out.file} was delivered again with other content after it was "
+                                          "accumulated; start afresh with --force")
                     continue
                 if any(o.file == out.file for o in in_flight.values()):
                     continue
@@ -224,7 +229,15 @@ def run_streaming(
         done, _ = wait(list(in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
         for future in done:
             out = in_flight.pop(future)
-            result, started, ended = future.result()  # an error ends the run; the checkpoint keeps the rest
+            try:
+                result, started, ended = future.result()
+            except Exception:
+                # a backend may withdraw a stored file when its sample fails afterwards: not an error here,
+                # the file is simply not accumulated; anything else ends the run (the checkpoint keeps the rest)
+                if out.verify(output_dir) is not None:
+                    problems[out.file] = "withdrawn by the delivery before it was processed"
+                    continue
+                raise
             busy.append((started, ended))
             state.result += result
             state.accumulated[out.file] = out.sha256
@@ -251,11 +264,12 @@ def run_streaming(
         raise err
 
     report: DeliveryReport = outcome["report"]
-    missing = [
-        f"{name}: {path}: not accumulated" for name, job in jobs.items()
-        for path in sorted(job.inputs)
-        if (out := report.manifest.samples[name].output_for(path)) is None or out.file not in state.accumulated
-    ]
+    missing = []
+    for name, job in jobs.items():
+        outputs = [o for o in report.manifest.samples[name].outputs if o.input in job.inputs]
+        delivered = {o.input for o in outputs}
+        missing += [f"{name}: {path}: not delivered" for path in sorted(job.inputs - delivered)]
+        missing += [f"{name}: {o.file}: not accumulated" for o in outputs if o.file not in state.accumulated]
     if missing or not report.ok:
         lines = report.failures or missing
         lines += [f"{file}: {why}" for file, why in sorted(problems.items())]

@@ -156,3 +156,17 @@ def real_nanoaod() -> Path:
     if not REAL_NANOAOD.exists():
         pytest.skip(f"reference file {REAL_NANOAOD} not available")
     return REAL_NANOAOD
+
+
+@pytest.fixture(scope="session")
+def generated_delivery(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(catalogue, delivery folder): all 9 samples generated (one 2000-event NanoAOD file each) and delivered
+    with the local backend. Shared by the end-to-end and pipeline-equality tests."""
+    from agc_sx.delivery.local import deliver_local
+    from agc_sx.generate import generate
+
+    base = tmp_path_factory.mktemp("generated")
+    catalog = generate(base / "nanoaod", events_per_file=2000, files_per_sample=1, seed=11)
+    report = deliver_local(catalog, base / "delivery", workers=1, quiet=True)
+    assert not report.failures, report.failures
+    return base / "nanoaod" / "ntuples.json", base / "delivery"

@@ -10,6 +10,9 @@ so a delivery through it can be compared with a local delivery file by file.
 Switches on :class:`Behaviour` make it misbehave the ways a real server does: failed files, ``Fatal``,
 ``Canceled``, ``Bad Dataset``, 400/500 on submission, a refused token refresh (401), slow transforms and results
 whose advertised size does not match the object (a short download).
+
+Dataset ids (``rucio://scope:name``, ``cernopendata://12345``) are expanded through ``Behaviour.datasets``, a dict
+from the id (without the scheme) to local files, as a DID finder would; an unknown id ends ``Bad Dataset``.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class Behaviour:
     delay: float = 0.0  # seconds per file (slow transforms)
     short_download: set[str] = field(default_factory=set)  # titles whose results advertise too many bytes
     echo_auth: bool = False  # error messages repeat the Authorization header (tests that we scrub it)
+    datasets: dict[str, list[str]] = field(default_factory=dict)  # dataset id (no scheme) -> its local files
+    gate: threading.Event | None = None  # every transform holds its last file until this is set (60 s at most)
 
 
 @dataclass
@@ -90,6 +95,7 @@ class Transform:
     request: dict[str, Any]
     files: list[str]
     did_id: int
+    unknown_dataset: bool = False
     status: str = "Submitted"
     completed: int = 0
     failed: int = 0
@@ -149,9 +155,14 @@ class ServiceXDouble:
         self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
         return self
 
-    def stop(self) -> None:
+    def join_workers(self, timeout: float = 30) -> None:
+        """Wait for every transform started so far (a slow one must not run on into the next test)."""
         for t in self._threads:
-            t.join(timeout=30)
+            t.join(timeout=timeout)
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+    def stop(self) -> None:
+        self.join_workers()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -183,9 +194,15 @@ class ServiceXDouble:
 
     # ---- the transform worker --------------------------------------------------------------------------------
     def _submit(self, request: dict[str, Any]) -> Transform:
-        files = list(dict.fromkeys(request.get("file-list") or []))  # the server counts a path once
+        unknown = False
+        if request.get("file-list"):
+            files = list(dict.fromkeys(request["file-list"]))  # the server counts a path once
+        else:  # a dataset id: expanded here, as the server's DID finder would
+            key = str(request.get("did") or "").split("://", 1)[-1].split("?", 1)[0]
+            found = self.behaviour.datasets.get(key)
+            files, unknown = list(found or []), found is None
         rid = str(uuid.uuid4())
-        t = Transform(rid, request, files, did_id=len(self.transforms) + 1)
+        t = Transform(rid, request, files, did_id=len(self.transforms) + 1, unknown_dataset=unknown)
         with self._lock:
             self.transforms[rid] = t
         self.s3.create_bucket(Bucket=rid)
@@ -197,7 +214,7 @@ class ServiceXDouble:
     def _run(self, t: Transform) -> None:
         b = self.behaviour
         time.sleep(b.delay)
-        if t.title in b.bad_dataset:
+        if t.title in b.bad_dataset or t.unknown_dataset:
             t.status, t.files = "Bad Dataset", []
             return
         t.status = "Running"
@@ -208,6 +225,8 @@ class ServiceXDouble:
                 return
             if i:
                 time.sleep(b.delay)
+            if b.gate is not None and i == len(t.files) - 1:
+                b.gate.wait(timeout=60)
             try:
                 if path in b.failed_files:
                     raise RuntimeError("transformer failed on this file")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import hist
 import numpy as np
+import pytest
 import uproot
 
 from agc_sx.histograms import ExactHist, bin_index, build_output, hist_key, write_root
@@ -100,3 +101,17 @@ def test_write_root_th1d_with_sumw2(tmp_path: Path) -> None:
         np.testing.assert_allclose(th.axis().edges(), h.axes[0].edges, rtol=1e-15)
         back = th.to_hist()
         assert back.values(flow=True).sum() == 0.75 + 5.0
+
+
+def test_scalar_weight_fill_equals_elementwise_fill() -> None:
+    """The scalar-weight shortcut (count x w, exact) gives the same sums as filling every entry."""
+    from agc_sx.histograms import ExactHist
+
+    rng = np.random.default_rng(4)
+    values = np.concatenate([rng.uniform(0, 600, 5000), [np.nan, 50.0, 550.0]])
+    for w in (0.1234567, 26158.4, 2.0**-1070, -3.5, 0.0):
+        scalar, array = ExactHist(), ExactHist()
+        scalar.fill(values, w)
+        array.fill(values, np.full(len(values), w))
+        assert scalar.sumw == array.sumw and scalar.sumw2 == array.sumw2 and scalar.entries == array.entries
+        assert scalar.to_hist().values(flow=True).sum() == pytest.approx(w * len(values), rel=1e-12, abs=1e-300)

@@ -7,12 +7,14 @@ every run goes through ``agc-sx deliver`` as a user would.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,8 +31,8 @@ from servicex_double import Behaviour, ServiceXDouble
 from agc_sx.catalogue import Catalog, load_catalog
 from agc_sx.cli import main
 from agc_sx.delivery.databinder_config import funcadl_to_qastle
-from agc_sx.delivery.servicex_backend import match_outputs
-from agc_sx.manifest import Manifest
+from agc_sx.delivery.servicex_backend import deliver_servicex, match_outputs
+from agc_sx.manifest import Manifest, ManifestError
 from agc_sx.query import query_text
 
 POLL_S = 0.05
@@ -59,15 +61,52 @@ def double() -> Iterator[ServiceXDouble]:
         self.servicex_polling_interval = POLL_S
         self.minio_polling_interval = POLL_S
 
+    before = set(threading.enumerate())
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(qc.Query, "__init__", fast_init)
         mp.setattr(MinioAdapter.download_file.retry, "wait", wait_none())
         with ServiceXDouble() as d:
             yield d
+    servers = [t for t in threading.enumerate() if t not in before and "serve" in t.name]
+    assert not servers, f"the double's servers still run: {servers}"
+
+
+#: Threads that outlive a delivery by design: fsspec's global I/O loop, the servicex client's idle executor.
+_RESIDENT = ("fsspecIO", "asyncio_")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Nothing a test starts (our watcher, the double's transforms, client threads) runs on into the next."""
+    before = set(threading.enumerate())
+    yield
+    gc.collect()  # the client's per-call executors end once collected; give their threads a moment to exit
+    leaked = [
+        t for t in threading.enumerate()
+        if t not in before and not t.name.startswith(_RESIDENT) and "serve" not in t.name
+    ]
+    for t in leaked:
+        t.join(timeout=2)
+    leaked = [t.name for t in leaked if t.is_alive()]
+    assert not leaked, f"threads left running: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def local_out(catalog: Catalog, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same catalogue delivered by the local backend (the reference for ServiceX results)."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    catalog_json = Path(catalog.samples[0].files[0].path).parent / "ntuples.json"
+    result = CliRunner().invoke(
+        main, ["deliver", "--backend", "local", "--catalog", str(catalog_json), "--output-dir", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    return out
 
 
 @pytest.fixture
-def sx(double: ServiceXDouble, catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+def sx(
+    double: ServiceXDouble, catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[SimpleNamespace]:
     """A fresh behaviour, a servicex.yaml in tmp_path, and HOME / caches / cwd away from the user's."""
     double.behaviour = Behaviour()
     home = tmp_path / "home"
@@ -80,14 +119,16 @@ def sx(double: ServiceXDouble, catalog: Catalog, tmp_path: Path, monkeypatch: py
     config = tmp_path / "servicex.yaml"
     config.write_text(double.servicex_yaml())
     catalog_json = Path(catalog.samples[0].files[0].path).parent / "ntuples.json"
-    return SimpleNamespace(
+    yield SimpleNamespace(
         double=double, config=config, out=tmp_path / "out", catalog=catalog_json, tmp=tmp_path
     )
+    double.join_workers()
+    assert not double._threads, "a transform of the double is still running"
 
 
 def run(sx: SimpleNamespace, *args: str, quiet: bool = True) -> Any:
     argv = ["deliver", "--servicex-config", str(sx.config), *args]
-    if "--config" not in args:
+    if "--config" not in args and "--catalog" not in args:
         argv += ["--catalog", str(sx.catalog)]
     if "--output-dir" not in args and "--config" not in args:
         argv += ["--output-dir", str(sx.out)]
@@ -100,7 +141,7 @@ def parquet_of(base: Path) -> dict[str, ak.Array]:
     return {str(p.relative_to(base)): ak.from_parquet(p) for p in sorted(base.glob("*/*.parquet"))}
 
 
-def test_delivery_identical_to_local_and_rerun_reuses(sx: SimpleNamespace, catalog: Catalog) -> None:
+def test_delivery_identical_to_local_and_rerun_reuses(sx: SimpleNamespace, catalog: Catalog, local_out: Path) -> None:
     result = run(sx)
     assert result.exit_code == 0, result.output
     subs = sx.double.submissions
@@ -110,11 +151,6 @@ def test_delivery_identical_to_local_and_rerun_reuses(sx: SimpleNamespace, catal
     for s in subs:
         assert s["file-list"] == [f.path for f in catalog[s["title"]].files]
 
-    local_out = sx.tmp / "local"
-    local = CliRunner().invoke(
-        main, ["deliver", "--backend", "local", "--catalog", str(sx.catalog), "--output-dir", str(local_out), "--quiet"]
-    )
-    assert local.exit_code == 0, local.output
     remote, here = parquet_of(sx.out), parquet_of(local_out)
     assert sorted(remote) == sorted(here) and len(remote) == 4
     for name in remote:
@@ -344,3 +380,220 @@ def test_catalogue_paths_are_what_the_double_reads(catalog: Catalog) -> None:
     """The generated catalogue on disk is the one the CLI reads (guards the fixture itself)."""
     on_disk = load_catalog(Path(catalog.samples[0].files[0].path).parent / "ntuples.json")
     assert on_disk.names == catalog.names and on_disk.nevts == catalog.nevts
+
+
+# ---- progressive storing ---------------------------------------------------------------------------------------
+def _deliver_in_thread(
+    sx: SimpleNamespace, catalog: Catalog, out: Path, release: Callable[[set[str]], bool], **kwargs: Any
+) -> dict[str, Any]:
+    """Run deliver_servicex in a thread and watch its manifest as ``agc-sx run`` does.
+
+    The double holds the last file of every transform until ``release(files seen so far)`` is true (or 20 s
+    passed), so "recorded before the server finished" does not depend on how busy the machine is. Returns the
+    report and, per output file first seen in the saved manifest *before the delivery call returned*, whether
+    the file on disk matched its record at that moment, and whether the gate had been released by then.
+    """
+    gate = threading.Event()
+    sx.double.behaviour.gate = gate
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["report"] = deliver_servicex(catalog, out, servicex_config=sx.config, quiet=True, **kwargs)
+        except BaseException as err:  # handed to the test thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="test-delivery")
+    thread.start()
+    early: dict[str, tuple[bool, str | None]] = {}
+    deadline = time.monotonic() + 20
+    try:
+        while thread.is_alive():
+            try:
+                manifest = Manifest.load(out)
+            except ManifestError:
+                manifest = None
+            running = thread.is_alive()  # read after the manifest: it was saved before the call returned
+            if manifest is not None and running:
+                for record in manifest:
+                    for o in record.outputs:
+                        if o.file not in early:
+                            early[o.file] = (gate.is_set(), o.verify(out))
+            if not gate.is_set() and (release(set(early)) or time.monotonic() > deadline):
+                gate.set()
+            time.sleep(0.05)
+    finally:
+        gate.set()
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    outcome["early"] = early
+    return outcome
+
+
+def _one_of_each(names: Sequence[str]) -> Callable[[set[str]], bool]:
+    return lambda seen: all(any(f.startswith(f"{n}/") for f in seen) for n in names)
+
+
+def _records(base: Path) -> dict[str, Any]:
+    """The manifest without timestamps: what two equivalent deliveries must agree on."""
+    m = Manifest.load(base)
+    return {
+        r.name: (
+            r.status,
+            r.nevts_total,
+            r.rows,
+            sorted((o.file, o.input, o.nevts_input, o.rows, o.bytes, o.sha256, o.query_sha256) for o in r.outputs),
+            sorted((f.path, f.error) for f in r.failed),
+        )
+        for r in m
+    }
+
+
+def test_outputs_recorded_while_the_client_still_runs(sx: SimpleNamespace, catalog: Catalog) -> None:
+    outcome = _deliver_in_thread(sx, catalog, sx.out, _one_of_each(catalog.names))
+    report = outcome["report"]
+    assert report.ok and report.delivered == 4
+    early = outcome["early"]
+    for name in catalog.names:
+        # recorded (verified, in place) while the server still held the sample's last file back
+        seen = {f: v for f, v in early.items() if f.startswith(f"{name}/") and not v[0]}
+        assert seen, f"no output of {name} was recorded while its transform was still running"
+        assert all(problem is None for _, problem in seen.values())
+
+    # the same delivery stored only at the end gives the same result, file for file
+    sx.double.behaviour = Behaviour()
+    plain = sx.tmp / "plain"
+    report = deliver_servicex(catalog, plain, servicex_config=sx.config, quiet=True, progressive=False)
+    assert report.ok and report.delivered == 4
+    assert _records(sx.out) == _records(plain)
+    assert parquet_of(sx.out).keys() == parquet_of(plain).keys()
+    assert not any(t.name == "agc-sx-servicex-watcher" for t in threading.enumerate())
+
+
+# ---- dataset ids: rucio and cernopendata -----------------------------------------------------------------------
+def _dataset_catalog(sx: SimpleNamespace, catalog: Catalog, ids: dict[str, list[tuple[str, list[int]]]]) -> Path:
+    """A catalogue whose file entries are dataset ids; each id expands (in the double) to some of the sample's files.
+
+    ``ids``: sample -> [(dataset id, indices of the generated files it stands for)].
+    """
+    doc = json.loads(sx.catalog.read_text())
+    for name, entries in ids.items():
+        process, variation = name.split("__")
+        files = catalog[name].files
+        doc[process][variation]["files"] = [
+            {"path": did, "nevts": sum(files[i].nevts for i in idx)} for did, idx in entries
+        ]
+        for did, idx in entries:
+            sx.double.behaviour.datasets[did] = [files[i].path for i in idx]
+    path = sx.tmp / "datasets.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_rucio_dids_identical_to_local(sx: SimpleNamespace, catalog: Catalog, local_out: Path) -> None:
+    ids = {
+        "ttbar__nominal": [("user.agc:ttbar_nominal", [0, 1])],  # one DID expanding into two files
+        "wjets__nominal": [("user.agc:wjets_a", [0]), ("user.agc:wjets_b", [1])],  # two DIDs in one sample
+    }
+    cat = _dataset_catalog(sx, catalog, ids)
+    n_before = len(sx.double.submissions)
+    result = run(sx, "--dataset-type", "rucio", "--catalog", str(cat))
+    assert result.exit_code == 0, result.output
+    subs = sx.double.submissions[n_before:]
+    assert sorted((s["title"], s["did"]) for s in subs) == [
+        ("ttbar__nominal", "rucio://user.agc:ttbar_nominal"),
+        ("wjets__nominal--0", "rucio://user.agc:wjets_a"),
+        ("wjets__nominal--1", "rucio://user.agc:wjets_b"),
+    ]
+    assert all(not s.get("file-list") for s in subs)
+
+    m = Manifest.load(sx.out)
+    reference = parquet_of(local_out)
+    for name, entries in ids.items():
+        rec = m.samples[name]
+        assert rec.status == "complete" and rec.nevts_total == catalog[name].nevts_total
+        assert len(rec.outputs) == 2
+        for did, idx in entries:
+            outs = sorted((o for o in rec.outputs if o.input == did), key=lambda o: o.file)
+            assert len(outs) == len(idx)
+            nevts = sum(catalog[name].files[i].nevts for i in idx)
+            assert [o.nevts_input for o in outs] == [nevts] + [0] * (len(outs) - 1)  # counted once, on the first
+        for o in rec.outputs:  # each output is the skim of one of the DID's files, identical to the local one
+            assert o.verify(sx.out) is None
+            twins = [k for k in reference if k.startswith(f"{name}/") and o.file.endswith(k.split("/")[1])]
+            assert len(twins) == 1, (o.file, sorted(reference))
+            assert ak.to_list(ak.from_parquet(sx.out / o.file)) == ak.to_list(reference[twins[0]])
+
+    n_after, records = len(sx.double.submissions), _records(sx.out)
+    again = run(sx, "--dataset-type", "rucio", "--catalog", str(cat))
+    assert again.exit_code == 0, again.output
+    assert len(sx.double.submissions) == n_after  # every DID reused, nothing asked again
+    assert _records(sx.out) == records
+
+
+def test_cernopendata_failed_file_drops_the_record_then_rerun(sx: SimpleNamespace, catalog: Catalog) -> None:
+    ids = {"ttbar__nominal": [("12345", [0, 1])], "wjets__nominal": [("23456", [0, 1])]}
+    cat = _dataset_catalog(sx, catalog, ids)
+    sx.double.behaviour.failed_files = {catalog["ttbar__nominal"].files[1].path}
+    # the bad file is held back until the good one has been stored
+    outcome = _deliver_in_thread(sx, load_catalog(cat), sx.out, _one_of_each(["ttbar__nominal"]),
+                                 dataset_type="cernopendata")
+    report = outcome["report"]
+    assert not report.ok
+    assert report.failures == [
+        "ttbar__nominal: 12345: 1 of 2 file(s) failed on ServiceX; the dataset counts only when complete "
+        "(re-run to fetch it again)"
+    ]
+    # the good file had been stored while the transform ran; once the record proved incomplete it was taken back
+    assert any(f.startswith("ttbar__nominal/") and not gate_open for f, (gate_open, _) in outcome["early"].items())
+    m = Manifest.load(sx.out)
+    ttbar, wjets = m.samples["ttbar__nominal"], m.samples["wjets__nominal"]
+    assert ttbar.status == "incomplete" and ttbar.outputs == [] and ttbar.nevts_total == 0
+    assert [f.path for f in ttbar.failed] == ["12345"]
+    assert not list((sx.out / "ttbar__nominal").glob("*.parquet"))
+    assert wjets.status == "complete" and wjets.nevts_total == catalog["wjets__nominal"].nevts_total
+
+    sx.double.behaviour = Behaviour(datasets=sx.double.behaviour.datasets)
+    n_before = len(sx.double.submissions)
+    again = run(sx, "--dataset-type", "cernopendata", "--catalog", str(cat))
+    assert again.exit_code == 0, again.output
+    assert [(s["title"], s["did"]) for s in sx.double.submissions[n_before:]] == [
+        ("ttbar__nominal", "cernopendata://12345")
+    ]
+    ttbar = Manifest.load(sx.out).samples["ttbar__nominal"]
+    assert ttbar.status == "complete" and ttbar.nevts_total == catalog["ttbar__nominal"].nevts_total
+    assert len(ttbar.outputs) == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "did", "expected"),
+    [
+        ("rucio", "ttbar_without_scope", "is not a Rucio DID (scope:name)"),
+        ("rucio", "root://eos.example//store/x.root", "is not a Rucio DID (scope:name)"),
+        ("cernopendata", "record-12", "is not a CERN Open Data record id"),
+    ],
+)
+def test_malformed_dataset_id_refused_before_submission(
+    sx: SimpleNamespace, catalog: Catalog, kind: str, did: str, expected: str
+) -> None:
+    cat = _dataset_catalog(sx, catalog, {"ttbar__nominal": [(did, [0])]})
+    n = len(sx.double.submissions)
+    result = run(sx, "--dataset-type", kind, "--catalog", str(cat), "--samples", "ttbar__nominal")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("agc-sx: error: ttbar__nominal: ") and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(sx.double.submissions) == n
+
+
+def test_a_file_still_being_written_is_seen_as_open(tmp_path: Path) -> None:
+    """The watcher's guard: aioboto3 writes a download in place, so an open file is an unfinished one."""
+    from agc_sx.delivery.servicex_backend import _open_here
+
+    if _open_here() is None:
+        pytest.skip("no /proc/self/fd here (the watcher then relies on size/mtime stability alone)")
+    target = tmp_path / "download.parquet"
+    with open(target, "wb") as f:
+        f.write(b"PAR1")
+        assert str(target.resolve()) in (_open_here() or set())
+    assert str(target.resolve()) not in (_open_here() or set())

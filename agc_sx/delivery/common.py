@@ -195,7 +195,13 @@ class Plan:
 
 
 def plan(
-    manifest: Manifest, sample: Sample, query_sha256: str, force: bool = False, backend: str = "local"
+    manifest: Manifest,
+    sample: Sample,
+    query_sha256: str,
+    force: bool = False,
+    backend: str = "local",
+    *,
+    datasets: bool = False,
 ) -> Plan:
     """Decide which inputs of ``sample`` are done and which must be (re)done; update its manifest record.
 
@@ -203,6 +209,11 @@ def plan(
     recorded size and sha256. Missing, corrupt, stale (other query) outputs and everything under ``force``
     are redone. Outputs of earlier runs for inputs not asked for now are kept (a folder accumulates, a
     smaller ``--n-files`` does not throw work away) as long as they were made by the same query.
+
+    ``datasets``: the inputs are dataset ids (a Rucio DID, a CERN Open Data record) that the server expands
+    into files; a dataset is done when it has at least one output, all of them intact and of this query, and
+    their ``nevts_input`` add up to its ``nevts``. The outputs of a dataset to redo are dropped from the
+    record, since the new delivery replaces the whole set.
     """
     base = manifest.base
     record = manifest.samples.get(sample.name)
@@ -231,17 +242,35 @@ def plan(
     done: list[InputFile] = []
     todo: list[InputFile] = []
     for f in sample.files:
-        existing = record.output_for(f.path)
-        ok = (
-            not force
-            and existing is not None
-            and existing.query_sha256 == query_sha256
-            and existing.nevts_input == f.nevts
-            and existing.file == names[f.path]
-            and existing.verify(base) is None
-        )
+        if datasets:
+            ok = not force and _dataset_done(record, f, query_sha256, base)
+            if not ok:
+                record.outputs = [o for o in record.outputs if o.input != f.path]
+        else:
+            existing = record.output_for(f.path)
+            ok = (
+                not force
+                and existing is not None
+                and existing.query_sha256 == query_sha256
+                and existing.nevts_input == f.nevts
+                and existing.file == names[f.path]
+                and existing.verify(base) is None
+            )
         (done if ok else todo).append(f)
     return Plan(record, done, todo, names)
+
+
+def _dataset_done(record: SampleRecord, dataset: InputFile, query_sha256: str, base: Path) -> bool:
+    """Every output of one dataset id intact, of this query, in the sample folder, and its nevts accounted once."""
+    outs = [o for o in record.outputs if o.input == dataset.path]
+    return (
+        bool(outs)
+        and sum(o.nevts_input for o in outs) == dataset.nevts
+        and all(
+            o.query_sha256 == query_sha256 and o.file.startswith(record.dirname + "/") and o.verify(base) is None
+            for o in outs
+        )
+    )
 
 
 # --- storing one output ----------------------------------------------------------------------------------------
@@ -305,6 +334,8 @@ def store_output(
     query_sha256: str,
     move: bool = False,
     expected_columns: Sequence[str] | None = OUTPUT_COLUMN_NAMES,
+    name: str | None = None,
+    nevts_input: int | None = None,
 ) -> OutputFile:
     """Put the output of ``input_file`` at its final place, verified, and record it in the saved manifest.
 
@@ -312,9 +343,16 @@ def store_output(
     ServiceX client's cache). The final name is ``plan.names[input]`` (``<sample folder>/<input stem>.parquet``).
     The file is checked (readable, columns, counters) under a ``*.part`` name and only then renamed; on
     failure nothing is recorded and DeliveryError says why.
+
+    ``name`` (relative to the folder, inside the sample folder) makes this one of *several* outputs of the
+    input - the files a dataset id expands into - so the input's other outputs are kept; ``nevts_input``
+    then says how many of the input's unskimmed events this output accounts for (the whole count on one
+    output, 0 on the others, so ``nevts_total`` stays a plain sum).
     """
     base = manifest.base
-    rel = plan.names[input_file.path]
+    if name is not None and not name.startswith(plan.record.dirname + "/"):
+        raise DeliveryError(f"output name {name} is outside the sample folder {plan.record.dirname}")
+    rel = plan.names[input_file.path] if name is None else name
     target = contained(base, rel)
     with atomic_path(target) as tmp:
         if isinstance(source, ak.Array):
@@ -335,13 +373,18 @@ def store_output(
         out = OutputFile(
             file=rel,
             input=input_file.path,
-            nevts_input=input_file.nevts,
+            nevts_input=input_file.nevts if nevts_input is None else nevts_input,
             rows=rows,
             bytes=tmp.stat().st_size,
             sha256=sha256_file(tmp),
             query_sha256=query_sha256,
         )
-    plan.record.set_output(out)
+    record = plan.record
+    if name is None:
+        record.set_output(out)
+    else:
+        record.outputs = [o for o in record.outputs if o.file != out.file] + [out]
+        record.failed = [f for f in record.failed if f.path != out.input]
     manifest.save()
     return out
 

@@ -12,6 +12,20 @@ Built on the servicex 3.3 client (``servicex.deliver``), with the gaps it leaves
 * ``Fatal`` / ``Canceled`` / ``Bad Dataset`` / refused submissions / auth errors / short downloads become one
   line naming the sample; other samples are still delivered;
 * the token never reaches a message, a log record or the manifest.
+
+Progressive storing: while the client runs, a watcher thread stores every file the client has finished
+downloading (verified and recorded in ``manifest.json``, like every output), so ``agc-sx run`` can process it
+while the rest is still being transformed. When the client returns, its list is the final word: what the
+watcher has not stored is stored then, nothing is stored twice, and what a failed sample had already stored
+is taken back (un-recorded and deleted), so the end state is that of storing everything at the end.
+
+Dataset ids (``--dataset-type rucio|cernopendata``): each catalogue file entry is a Rucio DID or a CERN Open
+Data record id with the unskimmed ``nevts`` of the whole dataset. The server expands it into files we cannot
+name up front, so the dataset is the unit of accounting: every file it returns is stored as one output
+(``<sample folder>/<returned object name>.parquet``) whose ``input`` is the dataset id; the dataset's
+``nevts`` sits on the first of these outputs by name and 0 on the others (``nevts_total`` stays a plain sum),
+and only once the server reports the transform complete with no failed file; otherwise none of its files is
+kept and the sample is incomplete. One ServiceX request is made per dataset id.
 """
 
 from __future__ import annotations
@@ -20,17 +34,19 @@ import contextlib
 import datetime
 import hashlib
 import io
+import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, TextIO
 
-from ..catalogue import Catalog
-from ..manifest import Manifest, safe_component
+from ..catalogue import Catalog, InputFile
+from ..manifest import Manifest, OutputFile, contained, safe_component
 from ..query import OUTPUT_COLUMN_NAMES, query_hash
 from .common import (
     DeliveryError,
@@ -52,6 +68,9 @@ PREFLIGHT_TIMEOUT_S = 5.0
 CACHE_DIRNAME = ".servicex-cache"
 TITLE_LIMIT = 128  # the client truncates longer titles when the server states no limit
 DATASET_TYPES = ("filelist", "rucio", "cernopendata")
+WATCH_INTERVAL_S = 0.25  # how often the cache folder is looked at while the client runs
+DID_NAME_LIMIT = 120  # longest output name stem for the files a dataset id expands into
+_RUCIO_DID = re.compile(r"[\w.\-]+:(?!//)\S+")
 
 
 class ServiceXError(DeliveryError):
@@ -187,13 +206,13 @@ def match_outputs(returned: Sequence[str], inputs: Sequence[str]) -> tuple[dict[
 
 
 # ---- the delivery ----------------------------------------------------------------------------------------------
-def _titles(jobs: Sequence[Job]) -> list[str]:
-    """Unique ServiceX sample titles: the sanitised ``process__variation``, shortened with a hash if too long."""
+def _titles(names: Sequence[str]) -> list[str]:
+    """Unique ServiceX sample titles: the sanitised names, shortened with a hash if too long or repeated."""
     out: list[str] = []
-    for job in jobs:
-        t = safe_component(job.sample.name)
+    for name in names:
+        t = safe_component(name)
         if len(t) > TITLE_LIMIT or t in out:
-            t = t[: TITLE_LIMIT - 9] + "_" + query_hash(job.sample.name)[:8]
+            t = t[: TITLE_LIMIT - 9] + "_" + query_hash(name)[:8]
         out.append(t)
     return out
 
@@ -214,7 +233,7 @@ def _client_logs_silenced() -> Iterator[None]:
 
 def _cache_dir(output_dir: Path, ep: Endpoint) -> Path:
     """Our cache for the client: under the output folder, one per server URL (the client's key ignores it)."""
-    return output_dir / CACHE_DIRNAME / query_hash(ep.url)[:12]
+    return output_dir.resolve() / CACHE_DIRNAME / query_hash(ep.url)[:12]
 
 
 class _ScrubbedStream(io.TextIOBase):
@@ -283,6 +302,71 @@ def _valid(guard: Any) -> bool:
     return guard is not None and (not hasattr(guard, "valid") or guard.valid())
 
 
+@dataclass
+class _Request:
+    """One ServiceX sample of this run: the missing files of a catalogue sample, or one of its dataset ids."""
+
+    title: str
+    job: Job
+    plan: Plan
+    inputs: list[InputFile]  # file list: the files to fetch; rucio / cernopendata: the one dataset id
+
+    @property
+    def did(self) -> str | None:
+        """The dataset id (catalogue path) when the server expands it into files, else None."""
+        return None if self.job.dataset_type == "filelist" else self.inputs[0].path
+
+    @property
+    def qhash(self) -> str:
+        return query_hash(self.job.qastle)
+
+    def dataset(self) -> Any:
+        from servicex.dataset import CERNOpenData, FileList, Rucio
+
+        if self.did is None:
+            return FileList(list(dict.fromkeys(f.path for f in self.inputs)))
+        if self.job.dataset_type == "rucio":
+            return Rucio(self.did)
+        return CERNOpenData(int(self.did))
+
+
+def _check_dataset_ids(jobs: Sequence[Job]) -> None:
+    """Refuse, before anything is submitted, dataset ids the client or server would reject."""
+    for job in jobs:
+        if job.dataset_type not in DATASET_TYPES:
+            raise ServiceXError(
+                f"{job.sample.name}: unknown dataset type {job.dataset_type!r} (choose from {', '.join(DATASET_TYPES)})"
+            )
+        for f in job.sample.files:
+            if job.dataset_type == "rucio" and not _RUCIO_DID.fullmatch(f.path):
+                raise ServiceXError(f"{job.sample.name}: {f.path!r} is not a Rucio DID (scope:name)")
+            if job.dataset_type == "cernopendata" and not f.path.isdigit():
+                raise ServiceXError(
+                    f"{job.sample.name}: {f.path!r} is not a CERN Open Data record id (a number, e.g. 19980)"
+                )
+
+
+def _requests(jobs: Sequence[Job], plans: dict[str, Plan]) -> list[_Request]:
+    """What to ask the server for: one request per sample with missing files, or per dataset id to (re)do."""
+    wanted: list[tuple[str, Job, list[InputFile]]] = []
+    for job in jobs:
+        todo = plans[job.sample.name].todo
+        if not todo:
+            continue
+        if job.dataset_type == "filelist":
+            wanted.append((job.sample.name, job, list(todo)))
+            continue
+        for f in todo:  # titled by the dataset's place in the sample, which does not change between runs
+            index = job.sample.files.index(f)
+            name = job.sample.name if len(job.sample.files) == 1 else f"{job.sample.name}--{index}"
+            wanted.append((name, job, [f]))
+    titles = _titles([name for name, _, _ in wanted])
+    return [
+        _Request(title, job, plans[job.sample.name], inputs)
+        for title, (_, job, inputs) in zip(titles, wanted, strict=True)
+    ]
+
+
 def deliver_jobs(
     jobs: Sequence[Job],
     output_dir: Path,
@@ -293,21 +377,20 @@ def deliver_jobs(
     force: bool = False,
     quiet: bool = False,
     skim_columns: bool = True,
+    progressive: bool = True,
+    watch_interval: float = WATCH_INTERVAL_S,
 ) -> DeliveryReport:
     """Deliver ``jobs`` in one ``servicex.deliver`` call into ``output_dir`` (layout and manifest of common).
 
     ``skim_columns`` checks every stored file against the skim's columns (off for a user's own query).
+    ``progressive`` stores (verifies and records) each file as soon as the client has downloaded it, while
+    the client is still running, so a reader of the manifest (``agc-sx run``) can start on it; the end result
+    is the same as storing everything after the client returned.
     """
-    from servicex.dataset import FileList
     from servicex.query import FuncADL_Uproot
 
     output_dir = Path(output_dir)
-    for job in jobs:
-        if job.dataset_type != "filelist":
-            raise ServiceXError(
-                f"{job.sample.name}: dataset type {job.dataset_type} is not supported yet "
-                "(agc-sx accounts for every input file, so it needs the file list; use filelist)"
-            )
+    _check_dataset_ids(jobs)
     check_dirnames(Catalog(tuple(job.sample for job in jobs)))
     ep = resolve_endpoint(servicex_config, endpoint)
     scrub = _Scrubber([ep.token])
@@ -316,68 +399,319 @@ def deliver_jobs(
     texts = {job.qastle for job in jobs}
     text = next(iter(texts)) if len(texts) == 1 else None
     columns = OUTPUT_COLUMN_NAMES if skim_columns else None
-    titles = _titles(jobs)
     with open_delivery(output_dir, text, query_hash(text) if text is not None else None) as manifest:
         if text is None:
             manifest.extra["queries"] = {job.sample.name: job.qastle for job in jobs}
         plans = {
-            title: plan(manifest, job.sample, query_hash(job.qastle), force, backend=BACKEND)
-            for job, title in zip(jobs, titles, strict=True)
+            job.sample.name: plan(
+                manifest,
+                job.sample,
+                query_hash(job.qastle),
+                force,
+                backend=BACKEND,
+                datasets=job.dataset_type != "filelist",
+            )
+            for job in jobs
         }
         manifest.save()
+        requests = {r.title: r for r in _requests(jobs, plans)}
 
         def make_spec(wanted: Sequence[str], ignore: bool) -> dict[str, Any]:
             samples = []
-            for job, title in zip(jobs, titles, strict=True):
-                if title in wanted:
-                    query = FuncADL_Uproot()
-                    query.set_provided_qastle(job.qastle)
-                    files = list(dict.fromkeys(f.path for f in plans[title].todo))
-                    samples.append(
-                        {"Name": title, "Dataset": FileList(files), "Query": query, "IgnoreLocalCache": ignore}
-                    )
+            for title in wanted:
+                query = FuncADL_Uproot()
+                query.set_provided_qastle(requests[title].job.qastle)
+                samples.append(
+                    {"Name": title, "Dataset": requests[title].dataset(), "Query": query, "IgnoreLocalCache": ignore}
+                )
             return {"General": {"OutputFormat": "parquet", "Delivery": "LocalCache"}, "Sample": samples}
 
-        pending = [t for t in titles if plans[t].todo]
+        store = _Store(manifest, columns, scrub)
+        pending = list(requests)
         results: dict[str, Any] = {}
         started = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=60)
         cache = _cache_dir(output_dir, ep)
+        earlier = _subfolders(cache)  # transforms of earlier runs: what the client's cache may hand back
         ignore = ignore_cache
-        for _attempt in range(2):
-            if not pending:
-                break
-            try:
-                got = _run_client(make_spec(pending, ignore), ep, cache, quiet, scrub)
-            except Exception as err:
-                raise ServiceXError(_fatal_message(err, ep, scrub)) from None
-            results.update(got)
-            # the client's cache hands back files deleted since: ask once more, bypassing it
-            pending = [t for t in pending if _valid(got.get(t)) and any(not Path(p).exists() for p in got[t])]
-            ignore = True
+        watching = progressive and bool(pending)
+        with _Watcher(store, cache, requests, earlier, watch_interval) if watching else contextlib.nullcontext():
+            for _attempt in range(2):
+                if not pending:
+                    break
+                try:
+                    got = _run_client(make_spec(pending, ignore), ep, cache, quiet, scrub)
+                except Exception as err:  # what the watcher stored stays recorded: verified, reused next time
+                    raise ServiceXError(_fatal_message(err, ep, scrub)) from None
+                results.update(got)
+                # the client's cache hands back files deleted since: ask once more, bypassing it
+                pending = [t for t in pending if _valid(got.get(t)) and any(not Path(p).exists() for p in got[t])]
+                ignore = True
 
-        short = [t for t in titles if plans[t].todo and _valid(results.get(t))]
-        short = [t for t in short if len(results[t]) < len(plans[t].todo)]
-        statuses = _final_statuses(ep, cache, short, started) if short else {}
+        ask = [
+            t for t, r in requests.items()
+            if _valid(results.get(t)) and (r.did is not None or len(results[t]) < len(r.inputs))
+        ]
+        statuses = _final_statuses(ep, cache, ask, started) if ask else {}
 
         failures: list[str] = []
-        delivered = 0
-        for job, title in zip(jobs, titles, strict=True):
-            p = plans[title]
-            if p.todo:
-                n, lines = _collect(manifest, p, results.get(title), job, columns, scrub, statuses.get(title))
-                delivered += n
-                failures.extend(f"{job.sample.name}: {line}" for line in lines)
-            finish_sample(manifest, p)
+        with store.lock:
+            for title, r in requests.items():
+                lines = _collect(store, r, results.get(title), statuses.get(title), earlier)
+                failures.extend(f"{r.job.sample.name}: {line}" for line in lines)
+            for job in jobs:
+                finish_sample(manifest, plans[job.sample.name])
         reused = sum(len(p.done) for p in plans.values())
         names = [job.sample.name for job in jobs]
-        return DeliveryReport(manifest, names, failures, delivered, reused)
+        return DeliveryReport(manifest, names, failures, store.delivered, reused)
+
+
+# ---- storing what comes back, during and after the client call -----------------------------------------------
+@dataclass
+class _Stored:
+    out: OutputFile
+    source: str  # the client's file it was copied from (real path)
+    stamp: tuple[int, int]  # (size, mtime_ns) of that file when it was copied
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+class _Store:
+    """Every change to the manifest during one delivery, serialised by one lock (watcher and main thread).
+
+    Remembers what this run stored per request, so that the end-of-call collection neither stores a file
+    twice nor keeps one the client did not return in the end.
+    """
+
+    def __init__(self, manifest: Manifest, columns: Sequence[str] | None, scrub: _Scrubber) -> None:
+        self.manifest = manifest
+        self.columns = columns
+        self.scrub = scrub
+        self.lock = threading.RLock()
+        self.stored: dict[str, dict[str, _Stored]] = {}  # title -> input path, or returned file name for a DID
+        self.delivered = 0
+
+    @staticmethod
+    def key(r: _Request, source: Path, input_path: str | None = None) -> str:
+        return source.name if r.did is not None else str(input_path)
+
+    def current(self, r: _Request, key: str, source: Path) -> bool:
+        """True when ``source`` is already stored for ``key`` and has not changed since it was copied."""
+        done = self.stored.get(r.title, {}).get(key)
+        try:
+            return done is not None and done.source == os.path.realpath(source) and done.stamp == _stamp(source)
+        except OSError:
+            return False
+
+    def put(self, r: _Request, source: Path, input_file: InputFile | None = None) -> OutputFile:
+        """Verify and store one returned file (of ``input_file``, or of the request's dataset id); DeliveryError."""
+        with self.lock:
+            try:
+                stamp = _stamp(source)
+            except OSError as err:
+                raise DeliveryError(f"cannot read {source.name}: {err.strerror or err}") from None
+            key = self.key(r, source, input_file.path if input_file else None)
+            if r.did is None:
+                assert input_file is not None
+                out = store_output(
+                    self.manifest, r.plan, input_file, source, query_sha256=r.qhash, expected_columns=self.columns
+                )
+            else:
+                earlier = self.stored.get(r.title, {}).get(key)
+                name = earlier.out.file if earlier else _did_output_name(r, source.name)
+                out = store_output(
+                    self.manifest, r.plan, r.inputs[0], source, query_sha256=r.qhash,
+                    expected_columns=self.columns, name=name, nevts_input=0,
+                )
+            mine = self.stored.setdefault(r.title, {})
+            if key not in mine:
+                self.delivered += 1
+            mine[key] = _Stored(out, os.path.realpath(source), stamp)
+            return out
+
+    def take(self, r: _Request, source: Path) -> None:
+        """The watcher's entry: map a freshly downloaded file to its input and store it once."""
+        with self.lock:
+            if r.did is None:
+                found, _ = match_outputs([str(source)], [f.path for f in r.inputs])
+                if not found:
+                    return  # not a file of ours (e.g. a temporary name): left to the end-of-call collection
+                path = next(iter(found))
+                input_file = next(f for f in r.inputs if f.path == path)
+                if not self.current(r, path, source):
+                    self.put(r, source, input_file)
+            elif not self.current(r, source.name, source):
+                self.put(r, source)
+
+    def drop(self, r: _Request, keys: Iterable[str] | None = None) -> None:
+        """Un-record and delete what this run stored for ``r`` (all, or the given keys)."""
+        with self.lock:
+            mine = self.stored.get(r.title, {})
+            for key in list(mine if keys is None else keys):
+                done = mine.pop(key, None)
+                if done is None:
+                    continue
+                record = r.plan.record
+                record.outputs = [o for o in record.outputs if o.file != done.out.file]
+                contained(self.manifest.base, done.out.file).unlink(missing_ok=True)
+                self.delivered -= 1
+            self.manifest.save()
+
+    def retract(self, r: _Request) -> None:
+        self.drop(r)
+
+
+def _did_output_name(r: _Request, returned: str) -> str:
+    """``<sample folder>/<name>.parquet`` for one file a dataset id expanded into, from its object name.
+
+    Long names keep their tail (where the file name is) behind a short hash of the whole name; a name that
+    another dataset of the same sample already uses gets a hash of this dataset id.
+    """
+    stem = returned.removesuffix(".parquet").removesuffix(".root")
+    stem = safe_component(stem)
+    if len(stem) > DID_NAME_LIMIT:
+        stem = f"{query_hash(returned)[:8]}-{stem[-(DID_NAME_LIMIT - 9):]}"
+    record = r.plan.record
+    rel = f"{record.dirname}/{stem}.parquet"
+    if any(o.file == rel and o.input != r.did for o in record.outputs):
+        rel = f"{record.dirname}/{stem}-{query_hash(str(r.did))[:8]}.parquet"
+    return rel
+
+
+def _subfolders(cache: Path) -> set[str]:
+    try:
+        return {p.name for p in cache.iterdir() if p.is_dir()}
+    except OSError:
+        return set()
+
+
+def _transform_titles(cache: Path) -> dict[str, str]:
+    """Request id -> title of the transforms the client recorded in its cache database (``.servicex/db.json``).
+
+    The client writes a record when it submits a transform, before it downloads anything; read it under the
+    client's own file lock. Any problem gives an empty answer: the end-of-call collection stores everything.
+    """
+    from filelock import FileLock, Timeout
+
+    db = cache / ".servicex" / "db.json"
+    try:
+        with FileLock(str(cache / ".servicex" / "db.lock"), timeout=1.0):
+            doc = json.loads(db.read_text())
+    except (OSError, ValueError, Timeout):
+        return {}
+    records: list[Any] = []
+    if isinstance(doc, dict):
+        for table in doc.values():
+            if isinstance(table, dict):
+                records.extend(table.values())
+    return {
+        str(rec["request_id"]): str(rec["title"])
+        for rec in records
+        if isinstance(rec, dict) and rec.get("request_id") and rec.get("title")
+    }
+
+
+def _open_here() -> set[str] | None:
+    """Real paths of the files this process has open (Linux ``/proc``), or None where that cannot be seen.
+
+    aioboto3 writes a download in place under its final name, so a file that is still open is unfinished.
+    """
+    fd_dir = "/proc/self/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return None
+    paths = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            paths.add(os.readlink(os.path.join(fd_dir, fd)))
+    return paths
+
+
+class _Watcher:
+    """While the client runs: store each file it has finished downloading into our layout.
+
+    The client downloads into ``<cache>/<request id>/``; the request id maps to a title through the client's
+    cache database. A file counts as downloaded when its name ends in ``.parquet``, it is not empty, and no
+    file descriptor of this process had it open after it was looked at, with size and mtime unchanged in
+    between (aioboto3 writes in place under the final name, so an open file is unfinished); where ``/proc``
+    cannot tell, its size and mtime must instead be unchanged since the previous poll. It is then copied,
+    verified and recorded under the store's lock (``store_output``); a copy that fails its checks is left to
+    the end-of-call collection, which also has the client's final word on every file. Folders of earlier runs
+    (cached results) are left to that collection too.
+    """
+
+    def __init__(
+        self, store: _Store, cache: Path, requests: dict[str, _Request], earlier: set[str], interval: float
+    ) -> None:
+        self.store, self.cache, self.requests, self.earlier = store, cache, requests, earlier
+        self.interval = interval
+        self._seen: dict[Path, tuple[int, int]] = {}
+        self._tried: dict[Path, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="agc-sx-servicex-watcher", daemon=True)
+
+    def __enter__(self) -> _Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.scan()
+            except Exception as err:  # never let a watcher problem stop the delivery
+                log.debug("watcher: %s: %s", type(err).__name__, self.store.scrub(str(err)))
+
+    def scan(self) -> None:
+        folders = sorted(_subfolders(self.cache) - self.earlier - {".servicex"})
+        if not folders:
+            return
+        owners = _transform_titles(self.cache)
+        can_see_open = _open_here() is not None
+        candidates: list[tuple[_Request, Path, tuple[int, int]]] = []
+        for folder in folders:
+            r = self.requests.get(owners.get(folder, ""))
+            if r is None:
+                continue
+            for path in sorted((self.cache / folder).glob("*.parquet")):
+                try:
+                    stamp = _stamp(path)
+                except OSError:
+                    continue
+                previous, self._seen[path] = self._seen.get(path), stamp
+                if stamp[0] == 0 or self._tried.get(path) == stamp or (not can_see_open and stamp != previous):
+                    continue
+                candidates.append((r, path, stamp))
+        busy = _open_here() if candidates else None  # after the stats: open now means unfinished
+        for r, path, stamp in candidates:
+            if self._stop.is_set():
+                return
+            if busy is not None and os.path.realpath(path) in busy:
+                continue
+            try:
+                if _stamp(path) != stamp:
+                    continue
+            except OSError:
+                continue
+            self._tried[path] = stamp
+            try:
+                self.store.take(r, path)
+            except DeliveryError as err:
+                log.debug("watcher: %s not stored yet: %s", path.name, self.store.scrub(str(err)))
 
 
 def _final_statuses(ep: Endpoint, cache: Path, titles: Sequence[str], since: datetime.datetime) -> dict[str, Any]:
     """The server's last status of each named transform of this run (why files are missing), best effort.
 
     The client hands back a partial (even empty) list without saying why; a transform that ended ``Fatal`` or
-    ``Bad Dataset`` can look just like one with failed files, so ask the server.
+    ``Bad Dataset`` can look just like one with failed files, so ask the server. For a dataset id it is the
+    only way to know whether every file it expanded into was transformed.
     """
     from servicex.servicex_client import ServiceXClient
 
@@ -400,21 +734,17 @@ def _final_statuses(ep: Endpoint, cache: Path, titles: Sequence[str], since: dat
     return found
 
 
-def _collect(
-    manifest: Manifest,
-    p: Plan,
-    guard: Any,
-    job: Job,
-    columns: Sequence[str] | None,
-    scrub: _Scrubber,
-    status: Any = None,
-) -> tuple[int, list[str]]:
-    """Store what came back for one sample; mark every asked input delivered or failed.
+def _state(status: Any) -> str:
+    return str(getattr(status.status, "value", status.status))
 
-    Returns the number of files stored and the user-facing lines: one for a sample-level failure, one per
-    input that did not come back from a transform that otherwise completed.
+
+def _collect(store: _Store, r: _Request, guard: Any, status: Any, earlier: set[str]) -> list[str]:
+    """Settle one request after the client returned: store what the watcher has not, mark the rest failed.
+
+    The client's returned list is the final word: a file the watcher stored that is not in it is dropped, one
+    that changed since it was copied is stored again. Returns the user-facing lines (without the sample).
     """
-    qhash = query_hash(job.qastle)
+    manifest, p = store.manifest, r.plan
     why: str | None = None
     if guard is None:
         why = "no result from the ServiceX client"
@@ -422,36 +752,88 @@ def _collect(
         try:
             guard[0]
         except Exception as err:
-            why = _sample_message(err, scrub)
-    elif status is not None and str(getattr(status.status, "value", status.status)) != "Complete":
-        state = str(getattr(status.status, "value", status.status))
+            why = _sample_message(err, store.scrub)
+    elif status is not None and _state(status) != "Complete":
         why = (
-            f"transform failed on ServiceX: it ended {state!r} "
+            f"transform failed on ServiceX: it ended {_state(status)!r} "
             f"({status.files_completed} of {status.files} file(s) done)"
         )
     if why is not None:
-        for f in p.todo:
+        store.retract(r)
+        for f in r.inputs:
             record_failure(manifest, p, f, why)
-        return 0, [f"{why}; {len(p.todo)} input file(s) not delivered"]
-    found, unmatched = match_outputs(list(guard), [f.path for f in p.todo])
+        if r.did is not None:
+            return [f"{r.did}: {why}; the dataset is not delivered"]
+        return [f"{why}; {len(r.inputs)} input file(s) not delivered"]
+    if r.did is not None:
+        return _collect_dataset(store, r, [Path(x) for x in guard], status, earlier)
+
+    found, unmatched = match_outputs(list(guard), [f.path for f in r.inputs])
     if unmatched:
-        log.warning("%s: %d returned file(s) match no input: %s", job.sample.name, len(unmatched), unmatched[:3])
-    stored, lines = 0, []
-    for f in p.todo:
+        log.warning("%s: %d returned file(s) match no input: %s", r.title, len(unmatched), unmatched[:3])
+    store.drop(r, [k for k in store.stored.get(r.title, {}) if k not in found])
+    lines = []
+    for f in r.inputs:
         local = found.get(f.path)
         if local is None:
             why = "the transform of this file failed on ServiceX (re-run to fetch only the missing files)"
             record_failure(manifest, p, f, why)
             lines.append(f"{f.path}: {why}")
             continue
+        if store.current(r, f.path, Path(local)):
+            continue
         try:
-            store_output(manifest, p, f, Path(local), query_sha256=qhash, expected_columns=columns)
-            stored += 1
+            store.put(r, Path(local), f)
         except DeliveryError as err:
-            why = f"returned file rejected: {scrub(str(err))}"
+            why = f"returned file rejected: {store.scrub(str(err))}"
+            store.drop(r, [f.path])
             record_failure(manifest, p, f, why)
             lines.append(f"{f.path}: {why}")
-    return stored, lines
+    return lines
+
+
+def _collect_dataset(
+    store: _Store, r: _Request, returned: list[Path], status: Any, earlier: set[str]
+) -> list[str]:
+    """A dataset id counts whole or not at all: every file it expanded into transformed and stored.
+
+    Its ``nevts`` then goes on the first of its outputs (by name), 0 on the others. Without a server status
+    the result must come from the client's cache, which only keeps transforms without failed files.
+    """
+    did, f = str(r.did), r.inputs[0]
+    problem: str | None = None
+    if status is None:
+        if not returned or any(p.parent.name not in earlier for p in returned):
+            problem = "cannot confirm with the ServiceX server that every file of the dataset was transformed"
+    elif status.files_failed:
+        problem = (
+            f"{status.files_failed} of {status.files} file(s) failed on ServiceX; the dataset counts only "
+            "when complete (re-run to fetch it again)"
+        )
+    elif status.files_completed != len(returned):
+        problem = f"{len(returned)} of the {status.files_completed} transformed file(s) came back"
+    if problem is None and not returned:
+        problem = "the dataset expanded into no files"
+    if problem is None:
+        names = {p.name for p in returned}
+        store.drop(r, [k for k in store.stored.get(r.title, {}) if k not in names])
+        for src in returned:
+            if store.current(r, src.name, src):
+                continue
+            try:
+                store.put(r, src)
+            except DeliveryError as err:
+                problem = f"returned file {src.name} rejected: {store.scrub(str(err))}"
+                break
+    if problem is not None:
+        store.retract(r)
+        record_failure(store.manifest, r.plan, f, problem)
+        return [f"{did}: {problem}"]
+    outs = sorted((o for o in r.plan.record.outputs if o.input == did), key=lambda o: o.file)
+    for i, o in enumerate(outs):
+        o.nevts_input = f.nevts if i == 0 else 0
+    store.manifest.save()
+    return []
 
 
 def _sample_message(err: BaseException, scrub: _Scrubber) -> str:
@@ -494,8 +876,13 @@ def deliver_servicex(
     dataset_type: str = "filelist",
     force: bool = False,
     quiet: bool = False,
+    progressive: bool = True,
 ) -> DeliveryReport:
-    """Deliver every catalogue sample through ServiceX with the skim query (all samples in one request)."""
+    """Deliver every catalogue sample through ServiceX with the skim query (all samples in one request).
+
+    ``dataset_type``: the catalogue's paths are files (``filelist``), Rucio DIDs or CERN Open Data record ids.
+    ``progressive``: record each output as soon as it has been downloaded (see the module docstring).
+    """
     from ..query import query_text
 
     if dataset_type not in DATASET_TYPES:
@@ -510,6 +897,7 @@ def deliver_servicex(
         ignore_cache=ignore_cache,
         force=force,
         quiet=quiet,
+        progressive=progressive,
     )
 
 
