@@ -38,15 +38,15 @@ from coffea import processor
 
 from . import __version__
 from .catalogue import Catalog
-from .constants import HIST_BINS, HIST_RANGE, JET_PT_MIN, JET_VARIATIONS, LUMI_PB, REGIONS, TTBAR_ALTERNATIVES
+from .constants import HIST_BINS, HIST_RANGE, JET_VARIATIONS, LUMI_PB, REGIONS, TTBAR_ALTERNATIVES
 from .histograms import ExactHist, bin_index, build_output, write_root
 from .manifest import Manifest, ManifestError, SampleRecord, contained
 from .schema import COLLECTIONS, AGCSkimSchema, SchemaError, check_parquet_schema, needed_columns
 from .selection import (
     Collection,
-    EventSelection,
     btag_mask,
     flat_column,
+    jet_mask,
     jet_mask_fixed,
     select_leptons,
     select_variations,
@@ -191,10 +191,9 @@ def analyse_events(events: Any, process: str, variation: str, weight: float, *,
                     pts = (jet_pt_variations(jets["pt"], run, lumi, event_number, jets.offsets) if varied
                            else {"nominal": jets["pt"]})
                 pt = pts[jet_variation]
-                sel = EventSelection(vsel.region[v], np.empty(0), np.empty(0), np.empty(0),
-                                     np.asarray((pt > JET_PT_MIN) & fixed))
                 features = best_permutation_features(
-                    selected_jets(jets, pt, sel, in_region), single_lepton(electrons, muons, leptons, in_region),
+                    selected_jets(jets, pt, jet_mask(pt, fixed), in_region),
+                    single_lepton(electrons, muons, leptons, in_region),
                     event_number[in_region], ml.models, nthread=ml.nthread,
                 )
                 for i, (feature, bins, lo, hi) in enumerate(feature_bins):

@@ -41,9 +41,9 @@ from .constants import (
     MUON_ISO_MAX,
     SKIM_JET_PT_MIN,
 )
-from .systematics import JER_SEED, _mix
+from .systematics import JER_SEED, _event_key, _pair_normals
 
-#: Region codes returned per event by :func:`select_events`.
+#: Region codes returned per event and jet variation by :func:`select_variations`.
 NO_REGION, REGION_4J1B, REGION_4J2B = 0, 1, 2
 REGION_CODES: dict[str, int] = {"4j1b": REGION_4J1B, "4j2b": REGION_4J2B}
 
@@ -160,149 +160,10 @@ def btag_mask(jets: Collection) -> np.ndarray:
     return np.asarray(jets["btagCSVV2"] > BTAG_WP)
 
 
-@dataclass
-class EventSelection:
-    """Per-event result of the selection for one jet variation.
-
-    ``region`` holds :data:`REGION_CODES` values; ``ht`` is in the pT dtype; ``mbjj`` is NaN outside 4j2b;
-    ``lead_pt[:, i]`` is the pT of the i-th selected jet (NaN where absent); ``jet_selected`` is the flat
-    per-jet selection mask (used to hand the selected jets to the BDT).
-    """
-
-    region: np.ndarray
-    ht: np.ndarray
-    mbjj: np.ndarray
-    lead_pt: np.ndarray
-    jet_selected: np.ndarray
-
-    def in_region(self, region: str) -> np.ndarray:
-        return np.asarray(self.region == REGION_CODES[region])
-
-
-@numba.njit(cache=True, nogil=True)
-def _event_kernel(  # pragma: no cover - compiled
-    offsets: np.ndarray,
-    pt: np.ndarray,
-    selected: np.ndarray,
-    tagged: np.ndarray,
-    eta: np.ndarray,
-    phi: np.ndarray,
-    mass: np.ndarray,
-    lepton_ok: np.ndarray,
-    trig: np.ndarray,
-    trig_done: np.ndarray,
-    min_jets: int,
-    region: np.ndarray,
-    ht: np.ndarray,
-    mbjj: np.ndarray,
-    lead_pt: np.ndarray,
-) -> None:
-    n_events = len(offsets) - 1
-    max_jets = 0
-    for e in range(n_events):
-        max_jets = max(max_jets, offsets[e + 1] - offsets[e])
-    idx = np.empty(max_jets, dtype=np.int64)
-    px = np.empty(max_jets)
-    py = np.empty(max_jets)
-    pz = np.empty(max_jets)
-    en = np.empty(max_jets)
-    tag = np.empty(max_jets, dtype=np.bool_)
-    for e in range(n_events):
-        region[e] = 0
-        mbjj[e] = np.nan
-        n = 0
-        nb = 0
-        for j in range(offsets[e], offsets[e + 1]):
-            if selected[j]:
-                ht[e] += pt[j]
-                if n < lead_pt.shape[1]:
-                    lead_pt[e, n] = pt[j]
-                idx[n] = j
-                n += 1
-                if tagged[j]:
-                    nb += 1
-        if not lepton_ok[e] or n < min_jets or nb == 0:
-            continue
-        if nb == 1:
-            region[e] = 1
-            continue
-        region[e] = 2
-        for k in range(n):
-            j = idx[k]
-            if not trig_done[j]:  # cos/sin(phi), sinh(eta) are shared by all jet variations of the chunk
-                f = np.float64(phi[j])
-                trig[j, 0] = np.cos(f)
-                trig[j, 1] = np.sin(f)
-                trig[j, 2] = np.sinh(np.float64(eta[j]))
-                trig_done[j] = True
-            p = np.float64(pt[j])
-            px[k] = p * trig[j, 0]
-            py[k] = p * trig[j, 1]
-            pz[k] = p * trig[j, 2]
-            m = np.float64(mass[j])
-            en[k] = np.sqrt(px[k] * px[k] + py[k] * py[k] + pz[k] * pz[k] + m * m)
-            tag[k] = tagged[j]
-        best = -1.0
-        best_mass = np.nan
-        for a in range(n - 2):
-            for b in range(a + 1, n - 1):
-                for c in range(b + 1, n):
-                    if not (tag[a] or tag[b] or tag[c]):
-                        continue
-                    sx = px[a] + px[b] + px[c]
-                    sy = py[a] + py[b] + py[c]
-                    spt = np.sqrt(sx * sx + sy * sy)
-                    if spt > best:  # strict: the first maximum wins, like ak.argmax
-                        best = spt
-                        sz = pz[a] + pz[b] + pz[c]
-                        se = en[a] + en[b] + en[c]
-                        m2 = se * se - (sx * sx + sy * sy + sz * sz)
-                        best_mass = np.sqrt(m2) if m2 > 0.0 else 0.0
-        mbjj[e] = best_mass
-
-
-class TrigCache:
-    """Per-jet cos(phi), sin(phi), sinh(eta), filled on demand by the kernel and shared by jet variations."""
-
-    def __init__(self, n_jets: int) -> None:
-        self.values = np.empty((n_jets, 3), dtype=np.float64)
-        self.done = np.zeros(n_jets, dtype=np.bool_)
-
-
-def select_events(
-    jets: Collection, jet_pt: np.ndarray, lepton_ok: np.ndarray, *, fixed_mask: np.ndarray | None = None,
-    tagged: np.ndarray | None = None, trig: TrigCache | None = None,
-) -> EventSelection:
-    """Jet selection with pT ``jet_pt`` (a jet variation), event selection, regions and observables.
-
-    ``lepton_ok`` is the per-event "exactly one selected lepton" flag. ``fixed_mask``, ``tagged`` (the
-    pT-independent jet cuts and the b-tag flags) and ``trig`` can be passed in to share them between jet
-    variations of the same chunk.
-    """
-    if fixed_mask is None:
-        fixed_mask = jet_mask_fixed(jets)
-    if tagged is None:
-        tagged = btag_mask(jets)
-    if trig is None:
-        trig = TrigCache(len(jet_pt))
-    selected = np.asarray((jet_pt > JET_PT_MIN) & fixed_mask)
-    n = len(jets.offsets) - 1
-    region = np.zeros(n, dtype=np.int8)
-    ht = np.zeros(n, dtype=jet_pt.dtype)
-    mbjj = np.empty(n, dtype=np.float64)
-    lead_pt = np.full((n, MIN_JETS), np.nan, dtype=jet_pt.dtype)
-    _event_kernel(
-        jets.offsets, jet_pt, selected, tagged, jets["eta"], jets["phi"], jets["mass"],
-        np.asarray(lepton_ok, dtype=np.bool_), trig.values, trig.done, MIN_JETS, region, ht, mbjj, lead_pt,
-    )
-    return EventSelection(region, ht, mbjj, lead_pt, selected)
-
-
-def observable(sel: EventSelection, region: str) -> np.ndarray:
-    """The region's observable for its events: HT in 4j1b, m_bjj in 4j2b (float64, as histograms fill)."""
-    mask = sel.in_region(region)
-    values = sel.ht[mask] if region == "4j1b" else sel.mbjj[mask]
-    return values.astype(np.float64)
+def jet_mask(jet_pt: np.ndarray, fixed_mask: np.ndarray) -> np.ndarray:
+    """The full per-jet selection for one jet variation: pT > 30 in the column's precision (float32 for the
+    nominal column, float64 for varied ones, as the compiled kernel compares) and the pT-independent cuts."""
+    return np.asarray((jet_pt > JET_PT_MIN) & fixed_mask)
 
 
 @dataclass
@@ -341,14 +202,15 @@ def single_lepton(electrons: Collection, muons: Collection, leptons: LeptonSelec
     return ak.zip(out)
 
 
-def selected_jets(jets: Collection, jet_pt: np.ndarray, sel: EventSelection, events: np.ndarray,
+def selected_jets(jets: Collection, jet_pt: np.ndarray, jet_selected: np.ndarray, events: np.ndarray,
                   fields: tuple[str, ...] = ("pt", "eta", "phi", "mass", "btagCSVV2", "qgl")) -> ak.Array:
     """The selected jets (in their pT order) of the events in the boolean mask ``events``, as an awkward array.
 
-    ``pt`` is the varied ``jet_pt``; the other fields come from the collection.
+    ``jet_selected`` is the flat per-jet mask of the variation (:func:`jet_mask` of ``jet_pt``); ``pt`` is
+    the variation's ``jet_pt``, the other fields come from the collection.
     """
     event_of = np.repeat(events, jets.counts)
-    keep = sel.jet_selected & event_of
+    keep = jet_selected & event_of
     counts = per_event_count(jets.offsets, keep)[events]
     cols = {f: (jet_pt if f == "pt" else jets[f])[keep] for f in fields}
     return ak.unflatten(ak.zip(cols), counts)
@@ -383,18 +245,6 @@ class VariationSelection:
 
     def in_region(self, variation: int, region: str) -> np.ndarray:
         return np.asarray(self.region[variation] == REGION_CODES[region])
-
-
-@numba.njit(cache=True, nogil=True)
-def _pair_normals(key: np.uint64, k: np.int64) -> tuple[float, float]:  # pragma: no cover - compiled
-    """Box-Muller pair k of an event (the same arithmetic as ``systematics._normals_kernel``)."""
-    h1 = _mix(key ^ np.uint64(k))
-    h2 = _mix(h1)
-    u1 = (np.float64(h1 >> np.uint64(11)) + 1.0) * 2.0**-53
-    u2 = np.float64(h2 >> np.uint64(11)) * 2.0**-53
-    r = np.sqrt(-2.0 * np.log(u1))
-    angle = 2.0 * np.pi * u2
-    return r * np.cos(angle), r * np.sin(angle)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -435,9 +285,7 @@ def _variations_kernel(  # pragma: no cover - compiled
         if n_fixed < min_jets or not any_tag:
             continue
         if n_var == 3:
-            key = _mix(seed ^ np.uint64(run[e]))
-            key = _mix(key ^ np.uint64(lumi[e]))
-            key = _mix(key ^ np.uint64(event[e]))
+            key = _event_key(seed, np.uint64(run[e]), np.uint64(lumi[e]), np.uint64(event[e]))
             for k in range(0, stop - first, 2):
                 if fixed[first + k] or (first + k + 1 < stop and fixed[first + k + 1]):
                     normal[k], normal[k + 1] = _pair_normals(key, np.int64(k >> 1))
@@ -521,21 +369,28 @@ def _variations_kernel(  # pragma: no cover - compiled
 
 
 def select_variations(
-    jets: Collection, lepton_ok: np.ndarray, run: np.ndarray, lumi: np.ndarray, event: np.ndarray, *,
-    variations: bool, fixed_mask: np.ndarray | None = None, tagged: np.ndarray | None = None,
+    jets: Collection, lepton_ok: np.ndarray, run: np.ndarray | None = None, lumi: np.ndarray | None = None,
+    event: np.ndarray | None = None, *, variations: bool, fixed_mask: np.ndarray | None = None,
+    tagged: np.ndarray | None = None,
 ) -> VariationSelection:
     """Regions and observables of the nominal jets and, with ``variations``, of ``pt_scale_up`` and
-    ``pt_res_up``, in one compiled pass over the events.
+    ``pt_res_up``, in one compiled pass over the events: the one implementation of the event selection.
 
-    The same numbers as :func:`select_events` on the varied pT columns (and as
-    :func:`agc_sx.systematics.jet_pt_variations`), without building them: varied pTs, the deterministic
-    resolution factors (only for jets that pass |eta| and jet ID) and the trigonometry are computed per event
-    in registers, and events that cannot pass in any variation are skipped early.
+    ``lepton_ok`` is the per-event "exactly one selected lepton" flag; the event identity (``run``, ``lumi``,
+    ``event``) seeds the resolution factors and is needed only with ``variations``. The varied pTs are those
+    of :func:`agc_sx.systematics.jet_pt_variations` (the columns the BDT gets), computed per event in
+    registers without building the columns: the resolution factors only for jets that pass |eta| and jet ID,
+    the trigonometry once per jet for all variations, and events that cannot pass in any variation skipped.
     """
+    if variations and (run is None or lumi is None or event is None):
+        raise ValueError("select_variations: jet variations need run, lumi and event")
     if fixed_mask is None:
         fixed_mask = jet_mask_fixed(jets)
     if tagged is None:
         tagged = btag_mask(jets)
+    # the event identity is never read without variations: empty columns keep the kernel's one signature
+    run_id, lumi_id, event_id = (np.zeros(0, dtype=np.uint64) if a is None else np.asarray(a, dtype=np.uint64)
+                                 for a in (run, lumi, event))
     n = len(jets.offsets) - 1
     n_var = 3 if variations else 1
     region = np.zeros((n_var, n), dtype=np.int8)
@@ -545,8 +400,7 @@ def select_variations(
         _variations_kernel(
             jets.offsets, np.asarray(jets["pt"], dtype=np.float32), jets["eta"], jets["phi"], jets["mass"],
             np.asarray(fixed_mask, dtype=np.bool_), np.asarray(tagged, dtype=np.bool_),
-            np.asarray(lepton_ok, dtype=np.bool_), np.asarray(run, dtype=np.uint64),
-            np.asarray(lumi, dtype=np.uint64), np.asarray(event, dtype=np.uint64), JER_SEED,
+            np.asarray(lepton_ok, dtype=np.bool_), run_id, lumi_id, event_id, JER_SEED,
             float(JES_UP_FACTOR), float(JER_SIGMA), float(JET_PT_MIN), MIN_JETS, region, obs, lead_pt,
         )
     return VariationSelection(region, obs, lead_pt)

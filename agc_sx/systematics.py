@@ -50,25 +50,41 @@ def _mix(x: np.uint64) -> np.uint64:  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _event_key(seed: np.uint64, run: np.uint64, lumi: np.uint64,
+               event: np.uint64) -> np.uint64:  # pragma: no cover - compiled
+    """The hash key of one event: its factors depend on (run, luminosityBlock, event) only, not on chunking."""
+    key = _mix(seed ^ run)
+    key = _mix(key ^ lumi)
+    return _mix(key ^ event)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pair_normals(key: np.uint64, k: np.int64) -> tuple[float, float]:  # pragma: no cover - compiled
+    """Box-Muller pair ``k`` of an event: the N(0, 1) numbers of its jets 2k (cos) and 2k+1 (sin).
+
+    The one definition of the resolution randomness, shared by :func:`standard_normal` and the one-pass
+    selection kernel (``selection._variations_kernel``), so both give the same varied pTs bit for bit.
+    """
+    h1 = _mix(key ^ np.uint64(k))
+    h2 = _mix(h1)
+    u1 = (np.float64(h1 >> np.uint64(11)) + 1.0) * 2.0**-53  # (0, 1]: the log stays finite
+    u2 = np.float64(h2 >> np.uint64(11)) * 2.0**-53  # [0, 1)
+    r = np.sqrt(-2.0 * np.log(u1))
+    angle = 2.0 * np.pi * u2
+    return r * np.cos(angle), r * np.sin(angle)
+
+
+@numba.njit(cache=True, nogil=True)
 def _normals_kernel(run: np.ndarray, lumi: np.ndarray, event: np.ndarray, offsets: np.ndarray,
                     seed: np.uint64, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    scale = 2.0**-53
     for e in range(len(offsets) - 1):
-        key = _mix(seed ^ np.uint64(run[e]))
-        key = _mix(key ^ np.uint64(lumi[e]))
-        key = _mix(key ^ np.uint64(event[e]))
+        key = _event_key(seed, np.uint64(run[e]), np.uint64(lumi[e]), np.uint64(event[e]))
         first, stop = offsets[e], offsets[e + 1]
         for j in range(first, stop, 2):
-            # one Box-Muller pair per two jets (jet indices 2k, 2k+1): cos for the first, sin for the second
-            h1 = _mix(key ^ np.uint64((j - first) >> 1))
-            h2 = _mix(h1)
-            u1 = (np.float64(h1 >> np.uint64(11)) + 1.0) * scale  # (0, 1]: the log stays finite
-            u2 = np.float64(h2 >> np.uint64(11)) * scale  # [0, 1)
-            r = np.sqrt(-2.0 * np.log(u1))
-            angle = 2.0 * np.pi * u2
-            out[j] = r * np.cos(angle)
+            a, b = _pair_normals(key, np.int64((j - first) >> 1))
+            out[j] = a
             if j + 1 < stop:
-                out[j + 1] = r * np.sin(angle)
+                out[j + 1] = b
 
 
 def standard_normal(run: np.ndarray, lumi: np.ndarray, event: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -97,7 +113,11 @@ def pt_res_up(pt: np.ndarray, run: np.ndarray, lumi: np.ndarray, event: np.ndarr
 
 def jet_pt_variations(pt: np.ndarray, run: np.ndarray, lumi: np.ndarray, event: np.ndarray,
                       offsets: np.ndarray) -> dict[str, np.ndarray]:
-    """The three jet pT versions, keyed by variation name: nominal, pt_scale_up, pt_res_up."""
+    """The three jet pT columns, keyed by variation name: nominal, pt_scale_up, pt_res_up.
+
+    The columns the BDT gets; ``selection.select_variations`` computes the same pTs per event in registers
+    (tested against these columns in ``tests/test_selection.py``).
+    """
     return {
         "nominal": pt,
         "pt_scale_up": pt_scale_up(pt),

@@ -6,17 +6,29 @@ from typing import Any
 
 import awkward as ak
 import numpy as np
+import pytest
 
+from agc_sx import constants as C
 from agc_sx.selection import (
     NO_REGION,
     REGION_4J1B,
     REGION_4J2B,
     Collection,
     electron_mask,
+    jet_mask,
+    jet_mask_fixed,
     muon_mask,
-    select_events,
+    select_variations,
+    selected_jets,
 )
-from agc_sx.systematics import _mix, btag_weight_factors, jer_factors, pt_scale_up, splitmix64
+from agc_sx.systematics import (
+    _mix,
+    btag_weight_factors,
+    jer_factors,
+    jet_pt_variations,
+    pt_scale_up,
+    splitmix64,
+)
 
 F32 = np.float32
 
@@ -29,6 +41,45 @@ def jets_of(events: list[list[tuple[float, float, float, float, float, int]]]) -
     names = ("pt", "eta", "phi", "mass", "btagCSVV2", "jetId")
     fields = {n: np.array([j[i] for j in flat], dtype=np.int32 if n == "jetId" else F32) for i, n in enumerate(names)}
     return Collection(offsets, fields)
+
+
+def event_ids(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(run, luminosityBlock, event) of n distinct events."""
+    return np.ones(n, np.uint32), (np.arange(n) % 7 + 1).astype(np.uint32), np.arange(n, dtype=np.uint64)
+
+
+def jagged(jets: Collection, pt: np.ndarray | None = None) -> ak.Array:
+    """The collection as a plain awkward record array, with ``pt`` replaced by a varied column if given."""
+    cols = {k: (pt if k == "pt" and pt is not None else jets[k]) for k in jets.fields}
+    return ak.unflatten(ak.zip(cols), np.diff(jets.offsets))
+
+
+def reference_selection(jets: Collection, pt: np.ndarray, lepton_ok: np.ndarray) -> dict[str, Any]:
+    """AGC v2 jet/event selection, regions, HT, trijet m_bjj and leading pTs for the pT column ``pt``, in
+    plain awkward written here (ak.sum, ak.combinations + ak.argmax, float64 Cartesian four-vectors)."""
+    arr = jagged(jets, pt)
+    good = (arr.pt > C.JET_PT_MIN) & (abs(arr.eta) < C.JET_ABS_ETA_MAX) & ((arr.jetId & C.JET_ID_MASK) != 0)
+    sel = arr[good]
+    n_jets, n_b = ak.to_numpy(ak.num(sel)), ak.to_numpy(ak.sum(sel.btagCSVV2 > C.BTAG_WP, axis=1))
+    passed = lepton_ok & (n_jets >= C.MIN_JETS) & (n_b >= 1)
+    region = np.where(passed, np.where(n_b == 1, REGION_4J1B, REGION_4J2B), NO_REGION)
+    ht = ak.to_numpy(ak.sum(sel.pt, axis=1))  # in the column's dtype, like the AGC
+    # trijet: the first candidate with a tagged jet and the largest vector-sum pT
+    in_2b = region == REGION_4J2B
+    c = sel[in_2b]
+    p, phi, eta, m = (ak.values_astype(c[k], np.float64) for k in ("pt", "phi", "eta", "mass"))
+    v = ak.zip({"x": p * np.cos(phi), "y": p * np.sin(phi), "z": p * np.sinh(eta), "m": m,
+                "b": c.btagCSVV2 > C.BTAG_WP})
+    v = ak.with_field(v, np.sqrt(v.x**2 + v.y**2 + v.z**2 + v.m**2), "e")
+    t = ak.combinations(v, 3, fields=["a", "b", "c"])
+    t = t[t.a.b | t.b.b | t.c.b]
+    x, y, z, e = (t.a[k] + t.b[k] + t.c[k] for k in ("x", "y", "z", "e"))
+    best = ak.argmax(np.sqrt(x**2 + y**2), axis=1, keepdims=True)
+    mbjj = np.full(len(region), np.nan)
+    mbjj[in_2b] = ak.to_numpy(ak.flatten(np.sqrt(e**2 - (x**2 + y**2 + z**2))[best]))
+    lead = ak.to_numpy(ak.fill_none(ak.pad_none(sel.pt, C.MIN_JETS, clip=True), np.nan))
+    return {"region": region, "ht": ht, "mbjj": mbjj, "lead_pt": lead, "jets": sel,
+            "trijet": (x, y, z, e)}
 
 
 def test_lepton_cuts_in_float32() -> None:
@@ -53,17 +104,22 @@ def test_regions_boundaries_and_jes() -> None:
         [(60, 0, 0, 5, 0.9, 6), (55, 0, 1, 5, 0.9, 6), (45, 0, 2, 5, 0.1, 6), (40, 0, 3, 5, 0.1, 6)],  # no lepton
     ])
     lepton_ok = np.array([True, True, True, True, False])
-    nominal = select_events(jets, jets["pt"], lepton_ok)
-    assert nominal.region.tolist() == [NO_REGION, REGION_4J1B, REGION_4J1B, NO_REGION, NO_REGION]
+    sel = select_variations(jets, lepton_ok, *event_ids(5), variations=True)
+    assert sel.region[0].tolist() == [NO_REGION, REGION_4J1B, REGION_4J1B, NO_REGION, NO_REGION]
     scaled_pt = pt_scale_up(jets["pt"])
     assert scaled_pt.dtype == np.float64
-    scaled = select_events(jets, scaled_pt, lepton_ok)
-    assert scaled.region.tolist() == [REGION_4J2B, REGION_4J1B, REGION_4J1B, NO_REGION, NO_REGION]
-    # HT: all selected jets, summed in float32 like ak.sum
-    sel_pt = ak.unflatten(jets["pt"], np.diff(jets.offsets))[ak.unflatten(nominal.jet_selected,
-                                                                          np.diff(jets.offsets))]
-    assert nominal.ht.dtype == np.float32
-    assert nominal.ht[2] == ak.sum(sel_pt, axis=1)[2] == F32(60) + F32(45) + F32(40) + F32(35)
+    # variation 1 is pt_scale_up: the 29.5 GeV jet (x 1.03) passes and makes event 0 a 4j2b event
+    assert sel.region[1].tolist() == [REGION_4J2B, REGION_4J1B, REGION_4J1B, NO_REGION, NO_REGION]
+    assert np.array_equal(sel.region[1], reference_selection(jets, scaled_pt, lepton_ok)["region"])
+    # HT: all selected jets, summed in float32 like ak.sum over the float32 column
+    arr = jagged(jets)
+    sel_pt = arr.pt[(arr.pt > 30) & (abs(arr.eta) < 2.4) & ((arr.jetId & 4) != 0)]
+    assert ak.sum(sel_pt, axis=1).type.content.primitive == "float32"
+    assert sel.obs[0][2] == ak.sum(sel_pt, axis=1)[2] == F32(60) + F32(45) + F32(40) + F32(35)
+    # the nominal varied pTs are those of the processor's BDT input, and the per-jet mask is the selection's
+    selected = selected_jets(jets, jets["pt"], jet_mask(jets["pt"], jet_mask_fixed(jets)), np.ones(5, bool),
+                             fields=("pt",))
+    assert ak.to_list(selected.pt) == ak.to_list(sel_pt)
 
 
 def test_trijet_first_maximum_and_combinations_order() -> None:
@@ -75,22 +131,16 @@ def test_trijet_first_maximum_and_combinations_order() -> None:
              zip(np.sort(rng.uniform(31, 200, n))[::-1], rng.uniform(-2, 2, n), rng.uniform(-3, 3, n),
                  rng.uniform(0, 1, n), strict=True)] for n in rng.integers(4, 9, 300)]
     jets = jets_of([tie, *rand])
-    sel = select_events(jets, jets["pt"], np.ones(len(rand) + 1, bool))
-    # reference: ak.combinations + ak.argmax, float64 Cartesian sums
-    arr = ak.unflatten(ak.zip({k: jets[k] for k in ("pt", "eta", "phi", "mass", "btagCSVV2")}), np.diff(jets.offsets))
-    arr = arr[sel.region == REGION_4J2B]
-    pt, phi, eta, m = (ak.values_astype(arr[k], np.float64) for k in ("pt", "phi", "eta", "mass"))
-    c = ak.zip({"x": pt * np.cos(phi), "y": pt * np.sin(phi), "z": pt * np.sinh(eta), "m": m,
-                "b": arr.btagCSVV2 > 0.5})
-    c = ak.with_field(c, np.sqrt(c.x**2 + c.y**2 + c.z**2 + c.m**2), "e")
-    t = ak.combinations(c, 3, fields=["a", "b", "c"])
-    t = t[t.a.b | t.b.b | t.c.b]
-    x, y, z, e = (t.a[k] + t.b[k] + t.c[k] for k in ("x", "y", "z", "e"))
-    best = ak.argmax(np.sqrt(x**2 + y**2), axis=1, keepdims=True)
-    ref = ak.to_numpy(ak.flatten(np.sqrt(e**2 - (x**2 + y**2 + z**2))[best]))
-    got = sel.mbjj[sel.region == REGION_4J2B]
+    lepton_ok = np.ones(len(rand) + 1, bool)
+    sel = select_variations(jets, lepton_ok, variations=False)
+    reference = reference_selection(jets, jets["pt"], lepton_ok)
+    assert np.array_equal(sel.region[0], reference["region"])
+    in_2b = sel.region[0] == REGION_4J2B
+    ref = reference["mbjj"][in_2b]
+    got = sel.obs[0][in_2b]
     np.testing.assert_allclose(got, ref, rtol=1e-12)
     assert len(ref) > 100
+    x, y, z, e = reference["trijet"]
     # the tie really is a tie with different masses, and the first candidate was taken
     pts = np.sqrt(x**2 + y**2)[0]
     masses = np.sqrt(e**2 - (x**2 + y**2 + z**2))[0]
@@ -167,11 +217,10 @@ def test_skim_mask_equals_the_query_semantics(tmp_path: Any, nanoaod_writer: Any
     assert skim_mask(jets30, select_leptons(electrons, muons)).sum() < keep.sum()
 
 
-def test_select_variations_matches_select_events_per_variation() -> None:
-    """The one-pass kernel gives the regions and observables of ``select_events`` on each varied pT column."""
-    from agc_sx.selection import select_variations
-    from agc_sx.systematics import jet_pt_variations
-
+def test_select_variations_matches_the_reference_on_every_varied_pt_column() -> None:
+    """The one-pass kernel, which varies pTs in registers, gives for each column of ``jet_pt_variations``
+    (what the BDT gets) the regions, observables and leading pTs of the plain-awkward reference, and
+    ``selected_jets`` + ``jet_mask`` hand the BDT exactly the reference's selected jets."""
     rng = np.random.default_rng(3)
     n = 3000
     counts = rng.integers(0, 10, n)
@@ -187,14 +236,36 @@ def test_select_variations_matches_select_events_per_variation() -> None:
     lepton_ok = rng.random(n) < 0.8
     run, lumi, event = np.ones(n, np.uint32), rng.integers(1, 9, n).astype(np.uint32), np.arange(n, dtype=np.uint64)
     one_pass = select_variations(jets, lepton_ok, run, lumi, event, variations=True)
-    for v, (name, varied_pt) in enumerate(jet_pt_variations(pt, run, lumi, event, offsets).items()):
-        ref = select_events(jets, varied_pt, lepton_ok)
-        np.testing.assert_array_equal(one_pass.region[v], ref.region, err_msg=name)
+    nominal_only = select_variations(jets, lepton_ok, variations=False)
+    columns = jet_pt_variations(pt, run, lumi, event, offsets)
+    assert tuple(columns) == C.JET_VARIATIONS
+    for v, (name, varied_pt) in enumerate(columns.items()):
+        ref = reference_selection(jets, varied_pt, lepton_ok)
+        np.testing.assert_array_equal(one_pass.region[v], ref["region"], err_msg=name)
         for code in (REGION_4J1B, REGION_4J2B):
-            in_region = ref.region == code
-            ref_obs = (ref.ht if code == REGION_4J1B else ref.mbjj)[in_region].astype(np.float64)
-            np.testing.assert_array_equal(one_pass.obs[v][in_region], ref_obs, err_msg=name)
+            in_region = ref["region"] == code
+            ref_obs = (ref["ht"] if code == REGION_4J1B else ref["mbjj"])[in_region].astype(np.float64)
+            if code == REGION_4J1B:  # HT sums exactly as ak.sum, in the column's dtype
+                np.testing.assert_array_equal(one_pass.obs[v][in_region], ref_obs, err_msg=name)
+            else:  # same candidate and arithmetic; numpy's and numba's cos/sinh may differ in the last ulp
+                np.testing.assert_allclose(one_pass.obs[v][in_region], ref_obs, rtol=1e-12, err_msg=name)
+        in_2b = ref["region"] == REGION_4J2B
+        bdt_jets = selected_jets(jets, varied_pt, jet_mask(varied_pt, jet_mask_fixed(jets)), in_2b,
+                                 fields=("pt", "eta", "phi", "mass", "btagCSVV2"))
+        assert ak.to_list(bdt_jets.pt) == ak.to_list(ref["jets"].pt[in_2b]), name
+        assert ak.to_list(bdt_jets.eta) == ak.to_list(ref["jets"].eta[in_2b]), name
         if v == 0:
-            passed = ref.region != NO_REGION
-            np.testing.assert_array_equal(one_pass.lead_pt[passed], ref.lead_pt[passed])
+            passed = ref["region"] != NO_REGION
+            np.testing.assert_array_equal(one_pass.lead_pt[passed], ref["lead_pt"][passed])
+            # without variations: the same nominal numbers (the ML training path)
+            np.testing.assert_array_equal(nominal_only.region[0], one_pass.region[0])
+            np.testing.assert_array_equal(nominal_only.obs[0][passed], one_pass.obs[0][passed])
+            # HT really is summed in float32: a float64 sum would differ on some events
+            in_1b = ref["region"] == REGION_4J1B
+            ht64 = ak.to_numpy(ak.sum(ak.values_astype(ref["jets"].pt, np.float64), axis=1))[in_1b]
+            assert np.any(ht64 != one_pass.obs[0][in_1b])
     assert (one_pass.region != NO_REGION).sum() > 100
+    assert not np.array_equal(one_pass.region[0], one_pass.region[2])  # the variations matter here
+    # the event identity seeds pt_res_up: asking for variations without it is an error
+    with pytest.raises(ValueError, match="run, lumi and event"):
+        select_variations(jets, lepton_ok, variations=True)

@@ -30,8 +30,10 @@ from ..catalogue import Catalog
 from ..constants import BTAG_WP
 from ..selection import (
     Collection,
-    select_events,
+    jet_mask,
+    jet_mask_fixed,
     select_leptons,
+    select_variations,
     selected_jets,
     single_lepton,
 )
@@ -291,8 +293,8 @@ def read_4j2b(path: str, entry_stop: int | None = None) -> Events4j2b:
     jets = _collection(arrays, "Jet")
     electrons, muons = _collection(arrays, "Electron"), _collection(arrays, "Muon")
     leptons = select_leptons(electrons, muons)
-    sel = select_events(jets, jets["pt"], leptons.one_lepton)
-    in_4j2b = sel.in_region("4j2b")
+    fixed = jet_mask_fixed(jets)
+    in_4j2b = select_variations(jets, leptons.one_lepton, variations=False, fixed_mask=fixed).in_region(0, "4j2b")
     gen = _collection(arrays, "GenPart")
     n = len(in_4j2b)
     p_eta = np.zeros((n, 4))
@@ -301,7 +303,7 @@ def read_4j2b(path: str, entry_stop: int | None = None) -> Events4j2b:
     _truth_partons(gen.offsets, gen["pdgId"], gen["genPartIdxMother"], gen["eta"], gen["phi"],
                    p_eta, p_phi, truth_ok)
     return Events4j2b(
-        selected_jets(jets, jets["pt"], sel, in_4j2b),
+        selected_jets(jets, jets["pt"], jet_mask(jets["pt"], fixed), in_4j2b),
         single_lepton(electrons, muons, leptons, in_4j2b),
         np.asarray(arrays["event"])[in_4j2b],
         p_eta[in_4j2b], p_phi[in_4j2b], truth_ok[in_4j2b], n,
