@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import awkward as ak
+import numpy as np
 import pytest
 import uproot
 from click.testing import CliRunner
@@ -597,3 +598,24 @@ def test_a_file_still_being_written_is_seen_as_open(tmp_path: Path) -> None:
         f.write(b"PAR1")
         assert str(target.resolve()) in (_open_here() or set())
     assert str(target.resolve()) not in (_open_here() or set())
+
+
+def test_streaming_run_through_servicex_equals_deliver_then_process(
+    sx: SimpleNamespace, local_out: Path
+) -> None:
+    """``agc-sx run --backend servicex``: the files the client downloads are processed while it still runs."""
+    from agc_sx.processor import run_processor
+
+    reference = run_processor(local_out, output=sx.tmp / "reference" / "histograms.root", ml=False, quiet=True)
+    result = CliRunner().invoke(main, [
+        "run", "--backend", "servicex", "--servicex-config", str(sx.config), "--catalog", str(sx.catalog),
+        "--output-dir", str(sx.out), "--output", str(sx.tmp / "histograms.root"), "--no-ml", "--quiet",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((sx.tmp / "metrics.json").read_text())
+    assert metrics["pipeline"] == "streaming (servicex)" and metrics["files_accumulated"] == 4
+    with uproot.open(sx.tmp / "histograms.root") as got:
+        assert sorted(got.keys(cycle=False)) == sorted(reference.histograms)
+        for key, h in reference.histograms.items():
+            np.testing.assert_array_equal(got[key].values(), h.values(), err_msg=key)
+            np.testing.assert_array_equal(got[key].variances(), h.variances(), err_msg=key)
