@@ -71,3 +71,29 @@ TOP_MASS: Final = 172.5  # GeV
 TOP_WIDTH: Final = 1.41
 W_MASS: Final = 80.4
 W_WIDTH: Final = 2.085
+
+# --- BDT jet-parton assignment ---------------------------------------------------------------------------------
+#: The 20 features (name, histogram bins, low, high) in the order the models take them; ML histograms are
+#: written as ``{name}_{process}[_{variation}]``.
+ML_FEATURES: Final[tuple[tuple[str, int, float, float], ...]] = (
+    ("deltar_leptonbtoplep", 25, 0.0, 6.0),
+    ("deltar_w1w2", 25, 0.0, 6.0),
+    ("deltar_w1btophad", 25, 0.0, 6.0),
+    ("deltar_w2btophad", 25, 0.0, 6.0),
+    ("mass_leptonbtoplep", 25, 50.0, 300.0),
+    ("mass_w1w2", 25, 50.0, 300.0),
+    ("mass_w1w2btophad", 25, 50.0, 550.0),
+    ("pt_w1w2btophad", 25, 50.0, 550.0),
+    ("pt_w1", 25, 25.0, 300.0),
+    ("pt_w2", 25, 25.0, 300.0),
+    ("pt_btophad", 25, 25.0, 300.0),
+    ("pt_btoplep", 25, 25.0, 300.0),
+    ("btag_w1", 25, 0.0, 1.0),
+    ("btag_w2", 25, 0.0, 1.0),
+    ("btag_btophad", 25, 0.0, 1.0),
+    ("btag_btoplep", 25, 0.0, 1.0),
+    ("qgl_w1", 25, -1.0, 1.0),
+    ("qgl_w2", 25, -1.0, 1.0),
+    ("qgl_btophad", 25, -1.0, 1.0),
+    ("qgl_btoplep", 25, -1.0, 1.0),
+)

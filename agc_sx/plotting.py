@@ -25,6 +25,7 @@ from .constants import (
     BTAG_VARIATIONS,
     JET_VARIATIONS,
     LUMI_PB,
+    ML_FEATURES,
     OBSERVABLES,
     PROCESSES,
     REGIONS,
@@ -38,8 +39,7 @@ log = logging.getLogger(__name__)
 #: Name of the ML histogram file that ``agc-sx process`` writes next to ``histograms.root``.
 ML_FILENAME = "histograms_ml.root"
 
-#: Axis labels of the 20 BDT observables, in the order of the AGC feature vector.
-ML_FEATURES: dict[str, str] = {
+_LABELS: dict[str, str] = {
     "deltar_leptonbtoplep": r"$\Delta R(\ell, b_{lep})$",
     "deltar_w1w2": r"$\Delta R(W_1, W_2)$",
     "deltar_w1btophad": r"$\Delta R(W_1, b_{had})$",
@@ -61,6 +61,9 @@ ML_FEATURES: dict[str, str] = {
     "qgl_btophad": r"QGL$(b_{had})$",
     "qgl_btoplep": r"QGL$(b_{lep})$",
 }
+
+#: Axis labels of the 20 BDT observables, in the order of the AGC feature vector.
+ML_LABELS: dict[str, str] = {name: _LABELS[name] for name, *_ in ML_FEATURES}
 
 OBSERVABLE_LABELS = {"HT": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]"}
 PROCESS_LABELS = {
@@ -271,7 +274,7 @@ def ml_grid_figure(features: Mapping[str, tuple[Mapping[str, Histogram1D], Histo
         for ax, (feature, (mc, data)) in zip(axes, features.items(), strict=False):
             _draw_stack(ax, mc, data)
             ax.minorticks_off()  # small panels: major ticks suffice (minor ones dominate the drawing time)
-            ax.set_xlabel(ML_FEATURES.get(feature, feature), fontsize="small")
+            ax.set_xlabel(ML_LABELS.get(feature, feature), fontsize="small")
             ax.tick_params(labelsize="x-small")
             ax.yaxis.get_offset_text().set_fontsize("x-small")
             ax.xaxis.set_major_locator(MaxNLocator(5))
@@ -343,10 +346,10 @@ def plot_all(histograms: Path, output_dir: Path, *, ml: Path | None = None) -> l
 
     if ml_path is not None:
         with _open(ml_path) as f:
-            ml_nominals = _nominals(f, list(ML_FEATURES), ml_path)
+            ml_nominals = _nominals(f, list(ML_LABELS), ml_path)
             features = {
                 feature: ({p: ml_nominals[feature][p] for p in PROCESSES}, ml_nominals[feature][DATA])
-                for feature in ML_FEATURES
+                for feature in ML_LABELS
             }
         figures.append(("ml_observables", ml_grid_figure(features)))
 

@@ -17,7 +17,7 @@ from test_fit import write_toy_histograms
 
 from agc_sx.cli import main
 from agc_sx.constants import PROCESSES, REGIONS
-from agc_sx.plotting import ML_FEATURES, PROCESS_LABELS, PlotError, ml_input, plot_all
+from agc_sx.plotting import ML_LABELS, PROCESS_LABELS, PlotError, ml_input, plot_all
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -40,7 +40,7 @@ def write_toy_ml(path: Path) -> dict[str, np.ndarray]:
     """20 features x (every process nominal + pseudodata), 25 bins each, as ``agc-sx process`` writes them."""
     written = {}
     with uproot.recreate(path) as f:
-        for feature in ML_FEATURES:
+        for feature in ML_LABELS:
             lo, hi, peak, width = _ML_RANGES.get(feature) or _ML_RANGES[feature.split("_")[0]]
             edges = np.linspace(lo, hi, 26)
             x = 0.5 * (edges[1:] + edges[:-1])
@@ -154,8 +154,8 @@ def test_ml_grid_has_the_20_observables(plotted: tuple[dict, dict, dict]) -> Non
     plots, _, ml = plotted
     grid = plots["ml_observables"].figure
     visible = [ax for ax in grid.axes if ax.get_visible()]
-    assert len(visible) == len(ML_FEATURES) == 20
-    for ax, feature in zip(visible, ML_FEATURES, strict=True):  # each panel stacks its own feature's contents
+    assert len(visible) == len(ML_LABELS) == 20
+    for ax, feature in zip(visible, ML_LABELS, strict=True):  # each panel stacks its own feature's contents
         ttbar = PROCESS_LABELS["ttbar"]
         patch = next(p for p in ax.patches if isinstance(p, StepPatch) and p.get_label() == ttbar)
         values, _, baseline = patch.get_data()

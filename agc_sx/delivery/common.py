@@ -369,7 +369,6 @@ def store_output(
             if _is_empty_without_schema(tmp):
                 write_parquet(empty_skim(), tmp)
         rows = verify_parquet(tmp, expected_columns)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files for other readers
         out = OutputFile(
             file=rel,
             input=input_file.path,
@@ -413,12 +412,6 @@ def finish_sample(manifest: Manifest, plan: Plan) -> None:
     record.failed.sort(key=lambda f: f.path)
     record.outputs.sort(key=lambda o: o.file)
     manifest.save()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _first_line(err: object) -> str:

@@ -16,29 +16,10 @@ import numba
 import numpy as np
 from numpy.typing import NDArray
 
+from ..constants import ML_FEATURES
+
 #: Feature name, histogram bins, low and high edge, in the order the models expect their inputs.
-FEATURES: Final[tuple[tuple[str, int, float, float], ...]] = (
-    ("deltar_leptonbtoplep", 25, 0.0, 6.0),
-    ("deltar_w1w2", 25, 0.0, 6.0),
-    ("deltar_w1btophad", 25, 0.0, 6.0),
-    ("deltar_w2btophad", 25, 0.0, 6.0),
-    ("mass_leptonbtoplep", 25, 50.0, 300.0),
-    ("mass_w1w2", 25, 50.0, 300.0),
-    ("mass_w1w2btophad", 25, 50.0, 550.0),
-    ("pt_w1w2btophad", 25, 50.0, 550.0),
-    ("pt_w1", 25, 25.0, 300.0),
-    ("pt_w2", 25, 25.0, 300.0),
-    ("pt_btophad", 25, 25.0, 300.0),
-    ("pt_btoplep", 25, 25.0, 300.0),
-    ("btag_w1", 25, 0.0, 1.0),
-    ("btag_w2", 25, 0.0, 1.0),
-    ("btag_btophad", 25, 0.0, 1.0),
-    ("btag_btoplep", 25, 0.0, 1.0),
-    ("qgl_w1", 25, -1.0, 1.0),
-    ("qgl_w2", 25, -1.0, 1.0),
-    ("qgl_btophad", 25, -1.0, 1.0),
-    ("qgl_btoplep", 25, -1.0, 1.0),
-)
+FEATURES: Final = ML_FEATURES
 FEATURE_NAMES: Final = tuple(f[0] for f in FEATURES)
 N_FEATURES: Final = len(FEATURES)
 #: Only the leading jets (in pT) enter the permutations.
