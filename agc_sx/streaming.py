@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from .catalogue import Catalog
-from .constants import LUMI_PB
 from .delivery.common import DeliveryError, DeliveryReport, open_delivery
 from .manifest import Manifest, ManifestError, OutputFile, contained
 from .processor import ChunkResult, RunResult, analyse_file, check_models, resolve_models_dir, write_outputs
@@ -164,11 +163,8 @@ def run_streaming(
     if ml:
         check_models(models_dir)
 
-    jobs = {
-        s.name: _Job(s.name, s.process, s.variation, s.xsec * LUMI_PB / s.nevts_total if s.nevts_total else 0.0,
-                     frozenset(f.path for f in s.files))
-        for s in catalog
-    }
+    jobs = {s.name: _Job(s.name, s.process, s.variation, s.weight, frozenset(f.path for f in s.files))
+            for s in catalog}
     for job in jobs.values():
         if job.weight == 0.0:
             raise StreamError(f"sample {job.sample} has no input events to normalise to")
