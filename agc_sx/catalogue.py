@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from .constants import LUMI_PB, XSEC_PB
+from .errors import AgcSxError
 from .utils import atomic_write_text
 
 
-class CatalogError(ValueError):
+class CatalogError(AgcSxError, ValueError):
     """A catalogue that cannot be used; the message names the offending entry."""
 
 

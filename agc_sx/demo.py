@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .constants import REGIONS
+from .errors import AgcSxError
 
 #: Events per generated sample of the default demo: about a minute on 2 cores, a visible ttbar peak.
 DEFAULT_EVENTS = 20000
 DEFAULT_SEED = 42
 
 
-class DemoError(RuntimeError):
+class DemoError(AgcSxError, RuntimeError):
     """A demo stage failed; the message names the stage."""
 
 

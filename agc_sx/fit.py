@@ -38,6 +38,7 @@ from .constants import (
     TTBAR_ALTERNATIVES,
     WJETS_SCALE_VARIATIONS,
 )
+from .errors import AgcSxError
 from .utils import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ RESULTS_NAME = "fit_results.json"
 _OBSERVABLE_LABELS = {"HT": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]"}
 
 
-class FitError(ValueError):
+class FitError(AgcSxError, ValueError):
     """Bad input for the fit (a missing histogram, an unexpected binning); the message is one line."""
 
 

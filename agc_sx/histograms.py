@@ -137,6 +137,10 @@ class ExactHist:
         return h
 
 
+#: The BDT observables file, written beside ``histograms.root``.
+ML_OUTPUT_NAME = "histograms_ml.root"
+
+
 def hist_key(region: str, process: str, variation: str) -> str:
     """AGC / cabinetry naming: ``{region}_{process}`` for nominal, ``{region}_{process}_{variation}`` else."""
     return f"{region}_{process}" if variation == "nominal" else f"{region}_{process}_{variation}"

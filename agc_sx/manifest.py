@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from .errors import AgcSxError
 from .utils import atomic_write_text, sha256_file
 
 MANIFEST_NAME = "manifest.json"
@@ -29,7 +30,7 @@ FORMAT_VERSION = 1
 Status = Literal["complete", "incomplete", "pending"]
 
 
-class ManifestError(ValueError):
+class ManifestError(AgcSxError, ValueError):
     """A delivery folder whose manifest is missing, unreadable or inconsistent."""
 
 

@@ -30,14 +30,14 @@ from .constants import (
     PROCESSES,
     REGIONS,
 )
+from .errors import AgcSxError
 from .fit import DATA_SAMPLE as DATA
 from .fit import FitError, Histogram1D, histogram_key, read_histogram, read_nominals, rebin_for_fit
+from .histograms import ML_OUTPUT_NAME
 from .utils import atomic_path
 
 log = logging.getLogger(__name__)
 
-#: Name of the ML histogram file that ``agc-sx process`` writes next to ``histograms.root``.
-ML_FILENAME = "histograms_ml.root"
 
 _LABELS: dict[str, str] = {
     "deltar_leptonbtoplep": r"$\Delta R(\ell, b_{lep})$",
@@ -99,7 +99,7 @@ VARIATION_TITLES = {
 FIT_BINNED_REGIONS = ("4j1b",)
 
 
-class PlotError(ValueError):
+class PlotError(AgcSxError, ValueError):
     """Bad input for the plots (a missing histogram); the message is one line."""
 
 
@@ -308,7 +308,7 @@ def ml_input(histograms: Path, ml: Path | None = None) -> Path | None:
         if not Path(ml).is_file():
             raise PlotError(f"{ml}: no such file")
         return Path(ml)
-    candidate = Path(histograms).with_name(ML_FILENAME)
+    candidate = Path(histograms).with_name(ML_OUTPUT_NAME)
     return candidate if candidate.is_file() else None
 
 

@@ -39,7 +39,8 @@ from coffea import processor
 from . import __version__
 from .catalogue import Catalog
 from .constants import HIST_BINS, HIST_RANGE, JET_VARIATIONS, LUMI_PB, REGIONS, TTBAR_ALTERNATIVES
-from .histograms import ExactHist, bin_index, build_output, write_root
+from .errors import AgcSxError
+from .histograms import ML_OUTPUT_NAME, ExactHist, bin_index, build_output, write_root
 from .manifest import Manifest, ManifestError, SampleRecord, contained
 from .schema import COLLECTIONS, AGCSkimSchema, SchemaError, check_parquet_schema, needed_columns
 from .selection import (
@@ -59,12 +60,11 @@ from .utils import atomic_write_text
 
 EXECUTORS = ("iterative", "futures", "dask")
 METRICS_NAME = "metrics.json"
-ML_OUTPUT_NAME = "histograms_ml.root"
 
 HistKey = tuple[str, str, str]  # (region or ML feature, process, variation)
 
 
-class ProcessError(ValueError):
+class ProcessError(AgcSxError, ValueError):
     """Input the processor refuses (incomplete sample, bad column, checksum mismatch, bad option)."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import awkward as ak
 
+from .errors import AgcSxError
 from .resources import queries_dir
 
 #: The columns the skim returns, in order, with their awkward types as read from real 2015 NanoAOD.
@@ -71,7 +72,7 @@ COUNTERS: dict[str, str] = {"Jet": "nJet", "Electron": "nElectron", "Muon": "nMu
 _MODULE_NAME = "_agc_sx_queries_skim"
 
 
-class QueryError(ValueError):
+class QueryError(AgcSxError, ValueError):
     """A query that cannot be built, or an input it cannot be run on; the message is one line."""
 
 

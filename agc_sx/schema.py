@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from coffea.nanoevents.schemas.base import BaseSchema, zip_forms
 
+from .errors import AgcSxError
+
 #: Collections zipped by the schema, in output order.
 COLLECTIONS: tuple[str, ...] = ("Jet", "Electron", "Muon")
 
@@ -59,7 +61,7 @@ def needed_columns(ml: bool) -> list[str]:
     return [c for c in COLUMNS if ml or c not in ML_ONLY_COLUMNS]
 
 
-class SchemaError(ValueError):
+class SchemaError(AgcSxError, ValueError):
     """A parquet file that lacks a needed column or stores one with the wrong type."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from .catalogue import Catalog
 from .delivery.common import DeliveryError, DeliveryReport, open_delivery
+from .errors import AgcSxError
 from .manifest import Manifest, ManifestError, OutputFile, contained
 from .processor import ChunkResult, RunResult, analyse_file, check_models, resolve_models_dir, write_outputs
 from .query import query_hash, query_text
@@ -37,7 +38,7 @@ CHECKPOINT_NAME = ".agc-sx-stream.pkl"
 CHECKPOINT_VERSION = 1
 
 
-class StreamError(RuntimeError):
+class StreamError(AgcSxError, RuntimeError):
     """A streaming run that could not produce complete histograms; the message is one line per problem."""
 
 

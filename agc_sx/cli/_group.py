@@ -6,12 +6,15 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from .. import __version__
-from ..catalogue import Catalog, load_catalog
+from ..errors import AgcSxError
+
+if TYPE_CHECKING:
+    from ..catalogue import Catalog
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,8 +40,10 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def user_errors(*kinds: type[BaseException]) -> Callable[[F], F]:
-    """Turn the listed exception types into one ``agc-sx: error: ...`` line and exit code 1."""
+def user_errors(*extra: type[BaseException]) -> Callable[[F], F]:
+    """Turn :class:`~agc_sx.errors.AgcSxError` (and the ``extra`` types) into one ``agc-sx: error: ...`` line
+    and exit code 1; anything else is a bug and keeps its traceback."""
+    kinds: tuple[type[BaseException], ...] = (AgcSxError, *extra)
 
     def deco(func: F) -> F:
         @wraps(func)
@@ -69,6 +74,8 @@ def catalog_options(func: F) -> F:
 
 def select_catalog(catalog_path: Path | None, n_files: int | None, samples: str | None) -> Catalog:
     """The catalogue restricted as :func:`catalog_options` asked."""
+    from ..catalogue import load_catalog
+
     names = [n.strip() for n in samples.split(",") if n.strip()] if samples else None
     return load_catalog(catalog_path).select(names, n_files)
 

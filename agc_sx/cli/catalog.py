@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..catalogue import CatalogError, import_agc_catalog, load_catalog, save_catalog
+from ..catalogue import import_agc_catalog, load_catalog, save_catalog
 from ..constants import LUMI_PB
 from ._group import main, user_errors
 
@@ -24,7 +24,7 @@ def catalog_group() -> None:
               show_default=True, help="Where to write the converted catalogue.")
 @click.option("--prefix-from", metavar="A", help="Rewrite file paths starting with A ...")
 @click.option("--prefix-to", metavar="B", help="... so that they start with B instead (e.g. a root:// mirror).")
-@user_errors(CatalogError)
+@user_errors()
 def catalog_import(path: Path, output: Path, prefix_from: str | None, prefix_to: str | None) -> None:
     """Convert an AGC-format catalogue (nanoaod_inputs.json) into ours, adding cross sections."""
     catalog = import_agc_catalog(path, prefix_from, prefix_to)
@@ -37,7 +37,7 @@ def catalog_import(path: Path, output: Path, prefix_from: str | None, prefix_to:
               help="Sample catalogue [default: the bundled ntuples.json].")
 @click.option("--n-files", type=click.IntRange(min=1), default=None,
               help="Only the first N files of each sample (normalisation follows).")
-@user_errors(CatalogError)
+@user_errors()
 def samples(catalog_path: Path | None, n_files: int | None) -> None:
     """Show the samples of a catalogue: files, events, cross section and weight per event."""
     catalog = load_catalog(catalog_path).select(n_files=n_files)

@@ -7,10 +7,6 @@ from typing import Any
 
 import click
 
-from ..catalogue import CatalogError
-from ..delivery.common import DeliveryError
-from ..manifest import ManifestError
-from ..query import QueryError
 from ._group import catalog_options, fail, main, select_catalog, servicex_options, user_errors
 
 #: Options that only mean something to the ServiceX backend: (parameter name, flag, default).
@@ -39,7 +35,7 @@ _SERVICEX_ONLY = (
               show_default=True, help="ServiceX: how catalogue paths are handed to the server.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="ServiceX: a servicex-databinder style YAML (General/Sample) instead of the catalogue.")
-@user_errors(CatalogError, DeliveryError, ManifestError, QueryError)
+@user_errors()
 def deliver(
     backend: str,
     catalog_path: Path | None,

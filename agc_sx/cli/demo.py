@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..demo import DEFAULT_EVENTS, DEFAULT_SEED, DemoError, DemoSummary, run_demo
+from ..demo import DEFAULT_EVENTS, DEFAULT_SEED, DemoSummary, run_demo
 from ._group import main, user_errors
 
 
@@ -21,7 +21,7 @@ from ._group import main, user_errors
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Worker processes for delivery and processing.")
 @click.option("--quiet", is_flag=True, help="No progress bars (the stage lines and the summary stay).")
-@user_errors(DemoError)
+@user_errors()
 def demo(workdir: Path, events: int, seed: int, workers: int, quiet: bool) -> None:
     """Generate a small sample set, deliver it locally, process (with the BDT), plot and fit: no server needed."""
     summary = run_demo(workdir, events=events, seed=seed, workers=workers, quiet=quiet, announce=click.echo)

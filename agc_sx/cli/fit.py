@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..fit import INTERVALS, FitError, run_fit
+from ..fit import INTERVALS, run_fit
 from ._group import main, user_errors
 
 
@@ -19,7 +19,7 @@ from ._group import main, user_errors
                    "its crossings (both: where -2 ln L rises by 1).")
 @click.option("--plots/--no-plots", default=True, show_default=True,
               help="Draw the pull plot and the pre-/post-fit distributions.")
-@user_errors(FitError)
+@user_errors()
 def fit(histograms: Path, output_dir: Path, interval: str, plots: bool) -> None:
     """Fit the AGC model (cabinetry/pyhf) to the pseudodata in HISTOGRAMS and print ttbar_norm."""
     import matplotlib

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..catalogue import CatalogError
 from ..generate import DEFAULT_EVENTS_PER_FILE, DEFAULT_FILES_PER_SAMPLE, generate
 from ._group import main, user_errors
 
@@ -23,7 +22,7 @@ from ._group import main, user_errors
               help="Only these samples (e.g. ttbar__nominal) or processes (e.g. wjets); repeatable. "
                    "[default: all 9 samples of the catalogue]")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-@user_errors(CatalogError, ValueError, OSError)
+@user_errors(ValueError, OSError)
 def generate_cmd(outdir: Path, events_per_file: int, files_per_sample: int, seed: int,
                  samples: tuple[str, ...], progress: bool) -> None:
     """Generate toy CMS NanoAOD files (TTree Events) for every sample, plus OUTDIR/ntuples.json.

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from ..plotting import ML_FILENAME, PlotError, plot_all
 from ._group import main, user_errors
 
 
@@ -17,12 +16,14 @@ from ._group import main, user_errors
               show_default=True, help="Folder for the PNG files.")
 @click.option("--ml", "ml_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="ML histograms for the grid of BDT observables "
-                   f"[default: {ML_FILENAME} next to HISTOGRAMS, if present].")
-@user_errors(PlotError)
+                   "[default: histograms_ml.root next to HISTOGRAMS, if present].")
+@user_errors()
 def plot(histograms: Path, output_dir: Path, ml_path: Path | None) -> None:
     """Draw HISTOGRAMS (from `agc-sx process`): stacks with pseudodata, ttbar variations, ML observables."""
     # the CMS style asks for fonts some systems lack; matplotlib's fallback is fine, its notice is noise
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    from ..plotting import plot_all
+
     plots = plot_all(histograms, output_dir, ml=ml_path)
     for p in plots:
         click.echo(f"wrote {p.path}")

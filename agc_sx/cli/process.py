@@ -11,15 +11,6 @@ from ._group import fail, main, user_errors
 _EXECUTORS = ("iterative", "futures", "dask")
 
 
-def _errors() -> tuple[type[BaseException], ...]:
-    from ..catalogue import CatalogError
-    from ..manifest import ManifestError
-    from ..processor import ProcessError
-    from ..schema import SchemaError
-
-    return CatalogError, ManifestError, ProcessError, SchemaError
-
-
 @main.command("process")
 @click.argument("input_dir", metavar="[DIR]", required=False, default=None, type=click.Path(path_type=Path))
 @click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -65,7 +56,7 @@ def process(input_dir: Path | None, catalog_path: Path | None, n_files: int | No
     if catalog_path is not None and allow_incomplete:
         fail("--allow-incomplete applies to a delivery folder DIR, not to --catalog")
 
-    @user_errors(*_errors())
+    @user_errors()
     def run() -> None:
         common = dict(output=output, executor=executor, workers=workers, scheduler=scheduler, chunksize=chunksize,
                       ml=not no_ml, models_dir=models_dir, quiet=quiet, io_only=io_only)

@@ -6,11 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..catalogue import CatalogError
-from ..delivery.common import DeliveryError
-from ..manifest import ManifestError
-from ..processor import ProcessError
-from ..streaming import StreamError, run_streaming
 from ._group import catalog_options, main, select_catalog, servicex_options, user_errors
 
 
@@ -30,7 +25,7 @@ from ._group import catalog_options, main, select_catalog, servicex_options, use
 @click.option("--force", is_flag=True, help="Redo the delivery and the processing from scratch (ignore the checkpoint).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @servicex_options
-@user_errors(CatalogError, DeliveryError, ManifestError, ProcessError, StreamError)
+@user_errors()
 def run(backend: str, catalog_path: Path | None, n_files: int | None, samples: str | None, output_dir: Path,
         output: Path, workers: int, no_ml: bool, models_dir: Path | None, force: bool, quiet: bool,
         servicex_config: Path | None, endpoint: str | None, ignore_cache: bool) -> None:
@@ -41,6 +36,8 @@ def run(backend: str, catalog_path: Path | None, n_files: int | None, samples: s
     """
     if backend == "local" and (servicex_config or endpoint or ignore_cache):
         raise click.UsageError("--servicex-config, --endpoint and --ignore-cache are only for --backend servicex")
+    from ..streaming import run_streaming
+
     catalog = select_catalog(catalog_path, n_files, samples)
     servicex = {"servicex_config": servicex_config, "endpoint": endpoint, "ignore_cache": ignore_cache}
     result = run_streaming(catalog, output_dir, backend=backend, output=output, workers=workers, ml=not no_ml,

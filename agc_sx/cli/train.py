@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..catalogue import CatalogError, load_catalog
+from ..catalogue import load_catalog
 from ._group import fail, main, user_errors
 
 
@@ -22,7 +22,7 @@ from ._group import fail, main, user_errors
               help="XGBoost threads [default: all cores].")
 @click.option("--rounds", type=click.IntRange(min=1), default=None,
               help="Boosting rounds per model [default: 200, see agc_sx.ml.HYPERPARAMETERS].")
-@user_errors(CatalogError, OSError)
+@user_errors(OSError)
 def train_command(catalog_path: Path, events: int | None, output: Path, seed: int, threads: int | None,
                   rounds: int | None) -> None:
     """Train the two crossed jet–parton assignment BDTs (even / odd event numbers) on truth-matched ttbar."""

@@ -31,6 +31,7 @@ from pathlib import Path
 import awkward as ak
 
 from ..catalogue import Catalog, InputFile, Sample
+from ..errors import AgcSxError
 from ..manifest import (
     Manifest,
     ManifestError,
@@ -46,7 +47,7 @@ from ..utils import PARTIAL_SUFFIX, atomic_path, sha256_file
 LOCK_NAME = ".agc-sx-deliver.lock"
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(AgcSxError, RuntimeError):
     """A delivery that cannot start or an output that fails its checks; the message is one line."""
 
 

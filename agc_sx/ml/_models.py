@@ -11,6 +11,7 @@ import numpy as np
 import xgboost as xgb
 from numpy.typing import NDArray
 
+from ..errors import AgcSxError
 from ._features import N_FEATURES, FlatEvents
 
 MODEL_EVEN: Final = "model_even.json"
@@ -19,7 +20,7 @@ MODEL_ODD: Final = "model_odd.json"
 BLOCK_EVENTS: Final = 16384
 
 
-class ModelError(ValueError):
+class ModelError(AgcSxError, ValueError):
     """BDT model files that are missing or unusable."""
 
 

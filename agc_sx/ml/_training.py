@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 
 from ..catalogue import Catalog
 from ..constants import BTAG_WP
+from ..errors import AgcSxError
 from ..selection import (
     Collection,
     jet_mask,
@@ -66,7 +67,7 @@ _BRANCHES: Final = {
 }
 
 
-class TrainingError(ValueError):
+class TrainingError(AgcSxError, ValueError):
     """Inputs that cannot give a training set; the message says what is missing."""
 
 
