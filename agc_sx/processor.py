@@ -417,7 +417,10 @@ def _executor(executor: str, workers: int, scheduler: str | None, quiet: bool) -
     if executor == "futures":
         return processor.FuturesExecutor(workers=workers, status=not quiet), None
     if executor == "dask":
-        from distributed import Client, LocalCluster
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:
+            raise ProcessError("--executor dask needs Dask: pip install 'agc-sx[dask]'") from None
 
         if scheduler:
             client = Client(scheduler)

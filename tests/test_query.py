@@ -123,3 +123,14 @@ def test_float32_cut_edges_are_in_the_test_data(small_file: Path) -> None:
     assert ak.any(abs(a.Muon_eta) == np.float32(2.1)) or ak.any(abs(a.Electron_eta) == np.float32(2.1))
     assert ak.any(a.Jet_btagCSVV2 == np.float32(0.5))
     assert ak.any(a.Jet_pt == np.float32(29.2))
+
+
+def test_processor_columns_are_a_subset_of_what_the_skim_delivers() -> None:
+    """The delivery contract (query) and the processor's input contract (schema) cannot drift apart."""
+    from agc_sx.query import OUTPUT_COLUMNS
+    from agc_sx.schema import COLUMNS
+
+    delivered = dict(OUTPUT_COLUMNS)
+    for name, (jagged, dtype) in COLUMNS.items():
+        assert name in delivered, name
+        assert delivered[name] == (f"var * {dtype}" if jagged else dtype), name
