@@ -91,3 +91,16 @@ def servicex_options(func: F) -> F:
     )):
         func = option(func)
     return func
+
+
+def delivery_options(func: F) -> F:
+    """``--backend`` and ``--output-dir``: where the skim runs and where its outputs and manifest go."""
+    for option in reversed((
+        click.option("--backend", type=click.Choice(["servicex", "local"]), default="servicex", show_default=True,
+                     help="Run the skim on a ServiceX server, or here through the same func-adl-uproot code path."),
+        click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=Path("outputs_databinder"), show_default=True,
+                     help="Delivery folder: DIR/<process>__<variation>/*.parquet and DIR/manifest.json."),
+    )):
+        func = option(func)
+    return func

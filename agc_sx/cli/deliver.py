@@ -7,7 +7,15 @@ from typing import Any
 
 import click
 
-from ._group import catalog_options, fail, main, select_catalog, servicex_options, user_errors
+from ._group import (
+    catalog_options,
+    delivery_options,
+    fail,
+    main,
+    select_catalog,
+    servicex_options,
+    user_errors,
+)
 
 #: Options that only mean something to the ServiceX backend: (parameter name, flag, default).
 _SERVICEX_ONLY = (
@@ -20,11 +28,8 @@ _SERVICEX_ONLY = (
 
 
 @main.command("deliver")
-@click.option("--backend", type=click.Choice(["servicex", "local"]), default="servicex", show_default=True,
-              help="Run the skim on a ServiceX server, or here through the same func-adl-uproot code path.")
+@delivery_options
 @catalog_options
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs_databinder"),
-              show_default=True, help="Delivery folder: DIR/<process>__<variation>/*.parquet and DIR/manifest.json.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local backend: files processed in parallel (worker processes).")
 @click.option("--force", is_flag=True, help="Redo every output, even those already delivered with this query.")

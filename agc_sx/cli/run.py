@@ -6,15 +6,12 @@ from pathlib import Path
 
 import click
 
-from ._group import catalog_options, main, select_catalog, servicex_options, user_errors
+from ._group import catalog_options, delivery_options, main, select_catalog, servicex_options, user_errors
 
 
 @main.command("run")
-@click.option("--backend", type=click.Choice(["servicex", "local"]), default="servicex", show_default=True,
-              help="Where the skim runs: a ServiceX server, or here through the same func-adl-uproot code path.")
+@delivery_options
 @catalog_options
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs_databinder"),
-              show_default=True, help="Delivery folder (same layout and manifest as agc-sx deliver).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("histograms.root"),
               show_default=True, help="Histograms file; histograms_ml.root and metrics.json are written beside it.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
