@@ -345,7 +345,7 @@ def sample_weight(record: SampleRecord) -> float:
     return record.xsec * LUMI_PB / record.nevts_total
 
 
-def _parquet_column_bytes(path: Path, columns: list[str]) -> int:
+def parquet_column_bytes(path: Path, columns: list[str]) -> int:
     """Compressed bytes of ``columns`` in a parquet file: what reading them costs."""
     import pyarrow.parquet as pq
 
@@ -401,7 +401,7 @@ def plan_inputs(manifest: Manifest, *, allow_incomplete: bool, columns: list[str
             if out.rows > 0:
                 files.append(str(path))
                 max_rows = max(max_rows, out.rows)
-                bytes_read += _parquet_column_bytes(path, columns)
+                bytes_read += parquet_column_bytes(path, columns)
         samples[record.name] = (record.process, record.variation, sample_weight(record))
         rows[record.name] = record.rows
         n_files += len(files)

@@ -29,7 +29,15 @@ from .catalogue import Catalog
 from .delivery.common import DeliveryError, DeliveryReport, open_delivery
 from .errors import AgcSxError
 from .manifest import Manifest, ManifestError, OutputFile, contained
-from .processor import ChunkResult, RunResult, analyse_file, check_models, resolve_models_dir, write_outputs
+from .processor import (
+    ChunkResult,
+    RunResult,
+    analyse_file,
+    check_models,
+    parquet_column_bytes,
+    resolve_models_dir,
+    write_outputs,
+)
 from .query import query_hash, query_text
 from .schema import check_parquet_schema, needed_columns
 from .utils import atomic_write_bytes, sha256_text
@@ -291,9 +299,8 @@ def run_streaming(
     }
     samples = {name: (job.process, job.variation, job.weight) for name, job in jobs.items()}
     rows = {name: report.manifest.samples[name].rows for name in jobs}
-    bytes_read = sum(
-        contained(output_dir, f).stat().st_size for f in state.accumulated if contained(output_dir, f).exists()
-    )
+    # the same measure as agc-sx process: compressed bytes of the columns read
+    bytes_read = sum(parquet_column_bytes(contained(output_dir, f), columns) for f in state.accumulated)
     result = write_outputs(
         state.result, output, ml=ml, started=wall0, samples=samples, rows=rows, files=len(state.accumulated),
         bytes_read=bytes_read, columns=columns, executor="streaming", workers=workers,
