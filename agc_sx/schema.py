@@ -65,36 +65,48 @@ class SchemaError(AgcSxError, ValueError):
     """A parquet file that lacks a needed column or stores one with the wrong type."""
 
 
-def _arrow_dtype(arrow_type: Any) -> tuple[bool, str | None]:
-    """(jagged?, numpy dtype name) of an arrow field type; dtype None when it is not a plain number."""
+def arrow_type_string(arrow_type: Any) -> str:
+    """The awkward-style physical type of an arrow field type: ``"uint32"``, ``"var * float32"``.
+
+    Producers disagree on everything but the physics: the ServiceX uproot transformer writes awkward
+    extension types (``ak:uint32``), ``ak.to_parquet`` plain types with awkward metadata, plain pyarrow
+    nullable fields. What decides an event is the stored number type and the nesting, so extension wrappers
+    and nullability are looked through (missing values are refused where the data are read, see
+    :func:`agc_sx.delivery.common.verify_parquet`).
+    """
     import pyarrow as pa
 
-    jagged = False
+    while isinstance(arrow_type, pa.ExtensionType):
+        arrow_type = arrow_type.storage_type
     if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
-        jagged = True
-        arrow_type = arrow_type.value_type
+        return "var * " + arrow_type_string(arrow_type.value_type)
     try:
-        return jagged, np.dtype(arrow_type.to_pandas_dtype()).name
+        return str(np.dtype(arrow_type.to_pandas_dtype()).name)
     except (NotImplementedError, TypeError):
-        return jagged, None
+        return str(arrow_type)
 
 
-def check_parquet_schema(path: Path, columns: Iterable[str]) -> None:
-    """Refuse (``SchemaError``) a parquet file missing one of ``columns`` or storing one with the wrong type."""
+def parquet_column_types(path: Path) -> dict[str, str]:
+    """``{column: physical type}`` of a parquet file from its footer (see :func:`arrow_type_string`)."""
     import pyarrow.parquet as pq
 
     try:
         schema = pq.read_schema(path)
     except Exception as err:  # pyarrow raises several unrelated types for unreadable files
         raise SchemaError(f"{path}: not a readable parquet file ({err})") from None
+    return {name: arrow_type_string(schema.field(name).type) for name in schema.names}
+
+
+def check_parquet_schema(path: Path, columns: Iterable[str]) -> None:
+    """Refuse (``SchemaError``) a parquet file missing one of ``columns`` or storing one with the wrong type."""
+    types = parquet_column_types(path)
     for name in columns:
         want_jagged, want_dtype = COLUMNS[name]
-        if name not in schema.names:
+        want = f"var * {want_dtype}" if want_jagged else want_dtype
+        if name not in types:
             raise SchemaError(f"{path}: missing column {name}")
-        jagged, dtype = _arrow_dtype(schema.field(name).type)
-        if jagged != want_jagged or dtype != want_dtype:
-            want = f"list of {want_dtype}" if want_jagged else want_dtype
-            raise SchemaError(f"{path}: column {name} is {schema.field(name).type}, expected {want}")
+        if types[name] != want:
+            raise SchemaError(f"{path}: column {name} is {types[name]}, expected {want}")
 
 
 class AGCSkimSchema(BaseSchema):

@@ -129,10 +129,25 @@ def per_event_count(offsets: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return csum[offsets[1:]] - csum[offsets[:-1]]
 
 
+def _finite(collection: Collection, names: tuple[str, ...]) -> np.ndarray:
+    """Objects whose ``names`` are all finite numbers.
+
+    A corrupted or unusual file can hold +-inf or NaN in a float column. Such an object fails the object
+    selection, as a physicist would expect: NaN already fails every cut, but +inf passes ``pt > 30`` and -inf
+    passes ``sip3d < 4``, and a single infinite jet would make the trijet sums, HT and the b-tag weights
+    non-finite.
+    """
+    ok = np.isfinite(collection[names[0]])
+    for name in names[1:]:
+        ok &= np.isfinite(collection[name])
+    return ok
+
+
 def electron_mask(electrons: Collection) -> np.ndarray:
-    """AGC v2 tight electrons: pT > 30, |eta| < 2.1, cutBased == 4 (tight), sip3d < 4."""
+    """AGC v2 tight electrons: pT > 30, |eta| < 2.1, cutBased == 4 (tight), sip3d < 4 (finite values)."""
     return (
-        (electrons["pt"] > LEPTON_PT_MIN)
+        _finite(electrons, ("pt", "sip3d"))
+        & (electrons["pt"] > LEPTON_PT_MIN)
         & (np.abs(electrons["eta"]) < LEPTON_ABS_ETA_MAX)
         & (electrons["cutBased"] == ELECTRON_CUTBASED)
         & (electrons["sip3d"] < LEPTON_SIP3D_MAX)
@@ -140,9 +155,10 @@ def electron_mask(electrons: Collection) -> np.ndarray:
 
 
 def muon_mask(muons: Collection) -> np.ndarray:
-    """AGC v2 tight muons: pT > 30, |eta| < 2.1, tightId, sip3d < 4, pfRelIso04_all < 0.15."""
+    """AGC v2 tight muons: pT > 30, |eta| < 2.1, tightId, sip3d < 4, pfRelIso04_all < 0.15 (finite values)."""
     return (
-        (muons["pt"] > LEPTON_PT_MIN)
+        _finite(muons, ("pt", "sip3d", "pfRelIso04_all"))
+        & (muons["pt"] > LEPTON_PT_MIN)
         & (np.abs(muons["eta"]) < LEPTON_ABS_ETA_MAX)
         & muons["tightId"].astype(bool)
         & (muons["sip3d"] < LEPTON_SIP3D_MAX)
@@ -150,9 +166,14 @@ def muon_mask(muons: Collection) -> np.ndarray:
     )
 
 
-def jet_mask_fixed(jets: Collection) -> np.ndarray:
-    """The pT-independent part of the jet selection: |eta| < 2.4 and tight-lepton-veto ID (jetId bit 2)."""
+def _jet_eta_id(jets: Collection) -> np.ndarray:
     return (np.abs(jets["eta"]) < JET_ABS_ETA_MAX) & ((jets["jetId"] & JET_ID_MASK) != 0)
+
+
+def jet_mask_fixed(jets: Collection) -> np.ndarray:
+    """The pT-independent part of the jet selection: |eta| < 2.4, tight-lepton-veto ID (jetId bit 2), and
+    finite pT, eta, phi, mass and b-tag score (see :func:`_finite`)."""
+    return _jet_eta_id(jets) & _finite(jets, ("pt", "eta", "phi", "mass", "btagCSVV2"))
 
 
 def btag_mask(jets: Collection) -> np.ndarray:
@@ -224,7 +245,7 @@ def skim_mask(jets: Collection, leptons: LeptonSelection) -> np.ndarray:
     upward ``pt_res_up`` fluctuations could promote events the skim drops, and the two pipelines would differ.
     Cuts compare in the columns' float32 precision, as the query's do.
     """
-    loose = (jets["pt"] > SKIM_JET_PT_MIN) & jet_mask_fixed(jets)
+    loose = (jets["pt"] > SKIM_JET_PT_MIN) & _jet_eta_id(jets)  # as the query counts: no finiteness test
     n_loose = per_event_count(jets.offsets, loose)
     n_tagged = per_event_count(jets.offsets, loose & btag_mask(jets))
     return np.asarray(leptons.one_lepton & (n_loose >= MIN_JETS) & (n_tagged >= 1))
@@ -355,6 +376,9 @@ def _variations_kernel(  # pragma: no cover - compiled
                                 best = spt
                                 best_q = q
                                 ba, bb, bc = a, b, c
+            if ba < 0:  # no candidate (only with non-finite inputs, which the masks exclude): never index
+                region[v, e] = 0
+                continue
             sx = px[ba] + px[bb] + px[bc]
             sy = py[ba] + py[bb] + py[bc]
             se = 0.0

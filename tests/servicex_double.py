@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -42,9 +43,53 @@ ACCESS_KEY = "double-access"
 SECRET_KEY = "double-secret"
 
 
+#: The sidecar keeps object names under this length (``transformer_sidecar.transformer.MAX_PATH_LEN``).
+MAX_PATH_LEN = 255
+
+
 def object_name(input_path: str) -> str:
-    """The S3 object name a ServiceX transformer gives the output of one input file."""
-    return input_path.replace("/", ":") + ".parquet"
+    """The S3 object name the ServiceX sidecar gives the parquet output of one input file.
+
+    As the real sidecar's ``hash_path``: ``/`` -> ``:`` plus ``.parquet``; a longer name than 255 characters
+    becomes ``_`` + its sha1 + as much of its tail as fits.
+    """
+    name = input_path.replace("/", ":") + ".parquet"
+    if len(name) <= MAX_PATH_LEN:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()
+    return "_" + digest + name[-(MAX_PATH_LEN - len(digest) - 1) :]
+
+
+def write_result(array: ak.Array, path: str, writer: str = "transformer") -> None:
+    """Write one transform result the way a ServiceX producer does.
+
+    ``transformer`` (the default) is the real uproot transformer: ``ak.to_arrow_table`` then a
+    ``pq.ParquetWriter`` on that table's schema, so the columns carry awkward extension types.
+    ``ak.to_parquet`` is the sidecar's own ROOT -> parquet conversion; ``pyarrow`` a plain arrow producer
+    (nullable fields, no awkward metadata).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if writer == "ak.to_parquet":
+        ak.to_parquet(array, path)
+        return
+    if writer == "transformer":
+        table = ak.to_arrow_table(array)
+    elif writer == "pyarrow":
+        plain = ak.to_arrow_table(array, extensionarray=False)
+        fields = []
+        for f in plain.schema:
+            t = f.type
+            if pa.types.is_list(t) or pa.types.is_large_list(t):
+                t = pa.list_(pa.field("element", t.value_type, nullable=True))
+            fields.append(pa.field(f.name, t, nullable=True))
+        table = plain.cast(pa.schema(fields)).replace_schema_metadata(None)
+    else:
+        raise ValueError(f"unknown writer {writer!r}")
+    w = pq.ParquetWriter(path, table.schema)
+    w.write_table(table)
+    w.close()
 
 
 def _local_path(path: str) -> str:
@@ -87,6 +132,7 @@ class Behaviour:
     echo_auth: bool = False  # error messages repeat the Authorization header (tests that we scrub it)
     datasets: dict[str, list[str]] = field(default_factory=dict)  # dataset id (no scheme) -> its local files
     gate: threading.Event | None = None  # every transform holds its last file until this is set (60 s at most)
+    writer: str = "transformer"  # how results are written (see write_result)
 
 
 @dataclass
@@ -142,18 +188,36 @@ class ServiceXDouble:
             aws_secret_access_key=SECRET_KEY,
             region_name="us-east-1",
         )
+        self._serve(0)
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def _serve(self, port: int) -> None:
         double = self
 
         class Handler(_Handler):
             pass
 
         Handler.double = double
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._http = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._http.daemon_threads = True
+        self.port = self._http.server_address[1]
         self._http_thread = threading.Thread(target=self._http.serve_forever, daemon=True)
         self._http_thread.start()
-        self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
-        return self
+
+    def kill(self) -> None:
+        """The ServiceX app goes away (connections refused); the object store and running transformers stay."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def restart(self, *, forget: bool = False) -> None:
+        """The app comes back on the same port; ``forget``: redeployed with its database lost (ids answer 404)."""
+        if forget:
+            with self._lock:
+                self.transforms.clear()
+        self._serve(self.port)
 
     def join_workers(self, timeout: float = 30) -> None:
         """Wait for every transform started so far (a slow one must not run on into the next test)."""
@@ -163,9 +227,7 @@ class ServiceXDouble:
 
     def stop(self) -> None:
         self.join_workers()
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+        self.kill()
         if self._s3_server is not None:
             self._s3_server.stop()
 
@@ -203,6 +265,8 @@ class ServiceXDouble:
             files, unknown = list(found or []), found is None
         rid = str(uuid.uuid4())
         t = Transform(rid, request, files, did_id=len(self.transforms) + 1, unknown_dataset=unknown)
+        if request.get("file-list"):
+            t.status = "Running"  # a FileList request needs no lookup: Running, with files, at once
         with self._lock:
             self.transforms[rid] = t
         self.s3.create_bucket(Bucket=rid)
@@ -234,7 +298,7 @@ class ServiceXDouble:
                 arr = self.executor(t.request["selection"], _local_path(path), tree)
                 with tempfile.TemporaryDirectory() as tmp:
                     out = os.path.join(tmp, "out.parquet")
-                    ak.to_parquet(arr, out)
+                    write_result(arr, out, b.writer)
                     with open(out, "rb") as f:
                         data = f.read()
                 name = object_name(path)
@@ -275,6 +339,7 @@ class ServiceXDouble:
             "files-completed": completed,
             "files-failed": failed,
             "files-remaining": max(len(t.files) - completed - failed, 0),
+            "failure-info": None,  # failed files never fill it in: the request still ends Complete
             "submit-time": t.submit_time,
             "finish-time": t.finish_time or "None",
             "minio-endpoint": self.s3_endpoint,
@@ -341,7 +406,7 @@ class _Handler(BaseHTTPRequestHandler):
         if len(parts) >= 3 and parts[:2] == ["servicex", "transformation"]:
             t = d.transforms.get(parts[2])
             if t is None:
-                return self._send(404, {"message": f"Transform {parts[2]} not found"})
+                return self._send(404, {"message": f"Transformation request not found with id: {parts[2]}"})
             if len(parts) == 3:
                 return self._send(200, d.status_json(t))
             if parts[3:] == ["results"]:

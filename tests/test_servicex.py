@@ -344,6 +344,10 @@ def test_databinder_config_run(sx: SimpleNamespace, catalog: Catalog) -> None:
     [
         "Select(lambda e: {'pt': e.Jet_pt",  # does not parse
         "__import__('os').system('touch pwned')",  # not a func_adl chain: refused, never evaluated
+        "Select(lambda e: {'a': open('pwned', 'w'), 'b': e.event})",  # a builtin the transformer would run
+        "Select(lambda e: {'a': eval('1'), 'b': e.event})",
+        "Select(lambda e: {'a': getattr(e, 'Jet_pt'), 'b': e.event})",
+        "Select(lambda e: {'a': os.system('touch pwned'), 'b': e.event})",  # a free name
     ],
 )
 def test_bad_funcadl_rejected_before_submission(sx: SimpleNamespace, catalog: Catalog, funcadl: str) -> None:
@@ -622,3 +626,200 @@ def test_streaming_run_through_servicex_equals_deliver_then_process(
         for key, h in reference.histograms.items():
             np.testing.assert_array_equal(got[key].values(), h.values(), err_msg=key)
             np.testing.assert_array_equal(got[key].variances(), h.variances(), err_msg=key)
+
+
+# ---- what real servers hand back, and how they fail ------------------------------------------------------------
+def _histograms(path: Path) -> dict[str, tuple[Any, Any]]:
+    with uproot.open(path) as f:
+        return {k: (f[k].values(flow=True), f[k].variances(flow=True)) for k in f.keys(cycle=False)}
+
+
+def _process(delivery: Path, output: Path, *extra: str) -> dict[str, tuple[Any, Any]]:
+    result = CliRunner().invoke(main, ["process", str(delivery), "--output", str(output), "--quiet", *extra],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return _histograms(output)
+
+
+def _assert_same(got: dict[str, tuple[Any, Any]], want: dict[str, tuple[Any, Any]]) -> None:
+    assert sorted(got) == sorted(want)
+    for key, (values, variances) in want.items():
+        np.testing.assert_array_equal(got[key][0], values, err_msg=key)
+        np.testing.assert_array_equal(got[key][1], variances, err_msg=key)
+
+
+@pytest.mark.parametrize("writer", ["ak.to_parquet", "pyarrow"])
+def test_every_parquet_producer_is_processed_like_local(
+    sx: SimpleNamespace, local_out: Path, writer: str
+) -> None:
+    """The sidecar's ak.to_parquet conversion and a plain pyarrow writer (nullable, no awkward metadata)."""
+    sx.double.behaviour.writer = writer
+    assert run(sx).exit_code == 0
+    _assert_same(_process(sx.out, sx.tmp / "h.root", "--no-ml"), _process(local_out, sx.tmp / "ref.root", "--no-ml"))
+
+
+def test_real_transformer_output_gives_every_agc_histogram(
+    sx: SimpleNamespace, generated_delivery: tuple[Path, Path]
+) -> None:
+    """deliver (ServiceX, parquet as the real uproot transformer writes it) -> process equals local, BDT on."""
+    catalog_json, local = generated_delivery
+    assert sx.double.behaviour.writer == "transformer"
+    assert run(sx, "--catalog", str(catalog_json)).exit_code == 0
+    some = next(sx.out.glob("ttbar__nominal/*.parquet"))
+    import pyarrow.parquet as pq
+
+    assert str(pq.read_schema(some).field("run").type) == "ak:uint32"  # awkward extension types, as the real one
+    got = _process(sx.out, sx.tmp / "h.root")
+    want = _process(local, sx.tmp / "ref.root")
+    _assert_same(got, want)
+    assert len(got) >= 100  # regions x processes x variations, and the BDT observables
+
+
+def _client_script(tests: Path) -> str:
+    """``agc-sx`` in a fresh interpreter with the client polling fast (as the in-process tests have it)."""
+    return "\n".join([
+        "import servicex.query_core as qc",
+        "init = qc.Query.__init__",
+        "def fast(self, *a, **k):",
+        "    init(self, *a, **k)",
+        "    self.servicex_polling_interval = self.minio_polling_interval = 0.05",
+        "qc.Query.__init__ = fast",
+        "from agc_sx.cli import main",
+        "main()",
+    ])
+
+
+def test_ctrl_c_ends_within_two_seconds_and_resumes(sx: SimpleNamespace, catalog: Catalog) -> None:
+    import signal
+    import subprocess
+
+    gate = threading.Event()  # every transform holds its last file: the delivery is mid-way
+    sx.double.behaviour.gate = gate
+    argv = [sys.executable, "-c", _client_script(Path(__file__).parent), "deliver", "--servicex-config",
+            str(sx.config), "--catalog", str(sx.catalog), "--output-dir", str(sx.out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if sum(len(r.outputs) for r in Manifest.load(sx.out)) >= 2:
+                    break
+            except ManifestError:
+                pass
+            time.sleep(0.1)
+        else:
+            proc.kill()
+            pytest.fail(f"nothing was recorded while the transforms ran: {proc.communicate()}")
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # a second Ctrl-C while it winds down
+        out, err = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - start
+    finally:
+        gate.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert elapsed < 2.0, f"took {elapsed:.1f} s to stop"
+    assert proc.returncode == 130
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("agc-sx: error: interrupted: "), err
+    assert "Traceback" not in out + err and "Task was destroyed" not in out + err
+    m = Manifest.load(sx.out)
+    kept = {o.file for r in m for o in r.outputs}
+    assert len(kept) >= 2 and all(o.verify(sx.out) is None for r in m for o in r.outputs)
+    assert {r.status for r in m} <= {"incomplete", "complete"}
+    assert any("interrupted" in f.error for r in m for f in r.failed)
+    sx.double.join_workers()
+    result = run(sx)  # the next run completes the delivery, keeping what was recorded
+    assert result.exit_code == 0, result.output
+    m = Manifest.load(sx.out)
+    assert all(r.status == "complete" for r in m) and kept <= {o.file for r in m for o in r.outputs}
+
+
+def _kill_mid_transform(sx: SimpleNamespace, catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> float:
+    """Deliver while the server dies after the first files are recorded; the seconds until the report."""
+    from agc_sx.delivery import servicex_backend
+
+    monkeypatch.setattr(servicex_backend, "HEARTBEAT_S", 0.2)
+    gate = threading.Event()
+    sx.double.behaviour.gate = gate
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        outcome["result"] = run(sx)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if sum(len(r.outputs) for r in Manifest.load(sx.out)) >= 2:
+                break
+        except ManifestError:
+            pass
+        time.sleep(0.05)
+    sx.double.kill()
+    killed = time.monotonic()
+    thread.join(timeout=60)
+    elapsed = time.monotonic() - killed
+    gate.set()
+    sx.double.join_workers()
+    result = outcome["result"]
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lost the connection to ServiceX" in lines[0], result.stderr
+    m = Manifest.load(sx.out)
+    assert all(r.status == "incomplete" for r in m)
+    assert sum(len(r.outputs) for r in m) >= 2 and all(r.failed for r in m)
+    return elapsed
+
+
+def test_server_dying_mid_transform_is_reported_then_resumed(
+    sx: SimpleNamespace, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elapsed = _kill_mid_transform(sx, catalog, monkeypatch)
+    assert elapsed < 10  # the default heartbeat reports within 60 s (3 x 5 s + the client's own polls)
+    n = len(sx.double.submissions)
+    missing = {f.path for r in Manifest.load(sx.out) for f in r.failed}
+    sx.double.restart()
+    result = run(sx)
+    assert result.exit_code == 0, result.output
+    assert all(r.status == "complete" for r in Manifest.load(sx.out))
+    asked = {f for s in sx.double.submissions[n:] for f in s["file-list"]}
+    assert asked == missing  # only what the lost run had not recorded
+
+
+def test_server_redeployed_without_its_state_is_asked_again(
+    sx: SimpleNamespace, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _kill_mid_transform(sx, catalog, monkeypatch)
+    sx.double.restart(forget=True)  # GET /servicex/transformation/<cached id> now answers 404
+    result = run(sx)
+    assert result.exit_code == 0, result.output
+    assert "not found" not in result.output
+    assert all(r.status == "complete" for r in Manifest.load(sx.out))
+    assert sx.double.submissions  # submitted again
+
+
+def test_refused_token_marks_the_samples_with_the_reason(sx: SimpleNamespace) -> None:
+    sx.double.behaviour.reject_refresh = True
+    assert run(sx).exit_code == 1
+    m = Manifest.load(sx.out)
+    assert {r.status for r in m} == {"incomplete"}
+    assert all(f.error.startswith("ServiceX endpoint double") and "refused the token" in f.error
+               for r in m for f in r.failed)
+
+
+def test_config_with_command_line_options(sx: SimpleNamespace, catalog: Catalog) -> None:
+    query = "Select(lambda e: {'event': e.event, 'Jet_pt': e.Jet_pt})"
+    yaml_path = _databinder_yaml(sx, catalog, query)
+    result = run(sx, "--config", str(yaml_path), "--output-dir", str(sx.tmp / "mine"))
+    assert result.exit_code == 0, result.output
+    assert Manifest.load(sx.tmp / "mine").samples["ttbar__nominal"].status == "complete"  # the option won
+    assert not (sx.tmp / "binder").exists()
+    result = run(sx, "--config", str(yaml_path), "--endpoint", "nowhere")
+    assert result.exit_code == 1 and "endpoint 'nowhere' is not in" in result.stderr
+    result = run(sx, "--config", str(yaml_path), "--dataset-type", "rucio")
+    assert result.exit_code == 1 and "--dataset-type" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from .. import __version__
-from ..errors import AgcSxError
+from ..errors import AgcSxError, Interrupted
 
 if TYPE_CHECKING:
     from ..catalogue import Catalog
@@ -50,6 +50,10 @@ def user_errors(*extra: type[BaseException]) -> Callable[[F], F]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return func(*args, **kwargs)
+            except Interrupted as err:
+                fail(str(err), code=130)
+            except KeyboardInterrupt:
+                fail("interrupted", code=130)
             except kinds as err:
                 fail(str(err))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from ._group import (
     catalog_options,
@@ -74,9 +75,15 @@ def deliver(
     if config is not None:
         if catalog_path is not None or n_files is not None or samples is not None:
             fail("--config describes its own samples; do not combine it with --catalog, --n-files or --samples")
+        if servicex_options["dataset_type"] != "filelist":
+            fail("--config gives each sample's dataset (XRootDFiles or RucioDID); do not combine it with --dataset-type")
+        # what the command line says explicitly wins over the YAML's General section
+        explicit_dir = click.get_current_context().get_parameter_source("output_dir") != ParameterSource.DEFAULT
         backend_module = _servicex_backend()
         report = backend_module.deliver_from_config(
-            config, servicex_config=servicex_options["servicex_config"], force=force, quiet=quiet
+            config, servicex_config=servicex_options["servicex_config"], force=force, quiet=quiet,
+            output_dir=output_dir if explicit_dir else None, endpoint=servicex_options["endpoint"],
+            ignore_cache=servicex_options["ignore_cache"],
         )
         _finish(report)
         return

@@ -41,7 +41,8 @@ from ..manifest import (
     output_filename,
     sample_dirname,
 )
-from ..query import OUTPUT_COLUMN_NAMES, column_types, empty_skim, schema_problems
+from ..query import OUTPUT_COLUMN_NAMES, empty_skim, schema_problems
+from ..schema import parquet_column_types
 from ..utils import PARTIAL_SUFFIX, atomic_path, sha256_file
 
 LOCK_NAME = ".agc-sx-deliver.lock"
@@ -305,12 +306,28 @@ def verify_parquet(path: Path, expected_columns: Sequence[str] | None = OUTPUT_C
     if expected_columns is None:
         pass
     elif tuple(expected_columns) == OUTPUT_COLUMN_NAMES:
-        problems = schema_problems(column_types(array)) or counter_problems(array)
+        # physical types from the footer: the real transformer's awkward extension types and plain pyarrow's
+        # nullable fields are the same columns as ak.to_parquet's
+        problems = schema_problems(parquet_column_types(path)) or missing_value_problems(array)
+        problems = problems or counter_problems(array)
     elif list(array.fields) != list(expected_columns):
         problems = [f"columns {', '.join(array.fields)}, expected {', '.join(expected_columns)}"]
     if problems:
         raise DeliveryError("; ".join(problems))
     return len(array)
+
+
+def missing_value_problems(array: ak.Array) -> list[str]:
+    """Columns that hold missing (null) values: NanoAOD has none, and the processor cannot cut on them."""
+    problems = []
+    for name in array.fields:
+        column = array[name]
+        holes = ak.is_none(column, axis=0)
+        if column.ndim > 1:
+            holes = holes | ak.any(ak.is_none(column, axis=1), axis=1)
+        if ak.any(holes):
+            problems.append(f"column {name} has missing values")
+    return problems
 
 
 def counter_problems(array: ak.Array) -> list[str]:

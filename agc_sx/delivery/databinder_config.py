@@ -49,6 +49,33 @@ _OPERATORS = frozenset(
 )
 
 
+#: Functions a query may call by name: func-adl-uproot passes a called name into the Python it generates and
+#: the transformer runs, so anything else (``open``, ``eval``, ``__import__`` ...) must never reach a server.
+_FUNCTIONS = frozenset(
+    ["EventDataset", "abs", "sqrt", "exp", "log", "sin", "cos", "tan", "arctan2", "atan2", "sinh", "cosh", "tanh"]
+)
+#: The syntax of a func_adl query: expressions, lambdas, literals; no comprehensions, f-strings, walrus ...
+_NODES = (
+    ast.Module, ast.Expr, ast.Call, ast.Attribute, ast.Name, ast.Constant, ast.Lambda, ast.arguments, ast.arg,
+    ast.Dict, ast.List, ast.Tuple, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.Subscript,
+    ast.Slice, ast.Load, ast.operator, ast.unaryop, ast.boolop, ast.cmpop,
+)
+
+
+def _check_vocabulary(module: ast.Module) -> None:
+    """Refuse anything outside func_adl: calls of builtins, free names, dunder attributes, other syntax."""
+    params = {a.arg for node in ast.walk(module) if isinstance(node, ast.Lambda) for a in node.args.args}
+    for node in ast.walk(module):
+        if not isinstance(node, _NODES):
+            raise ValueError(f"{type(node).__name__} is not part of a func_adl query")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id not in _FUNCTIONS:
+            raise ValueError(f"calling {node.func.id}() is not part of a func_adl query")
+        if isinstance(node, ast.Name) and node.id not in params and node.id not in _FUNCTIONS:
+            raise ValueError(f"the name {node.id!r} is neither a lambda argument nor a func_adl function")
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            raise ValueError(f"refusing the name {node.attr!r}")
+
+
 def funcadl_to_qastle(text: str, tree: str = "Events") -> str:
     """Turn a databinder ``FuncADL`` string into qastle without evaluating it; ValueError on anything odd.
 
@@ -86,10 +113,7 @@ def funcadl_to_qastle(text: str, tree: str = "Events") -> str:
         raise ValueError(f"does not parse as Python ({err.msg})") from None
     if len(module.body) != 1 or not isinstance(module.body[0], ast.Expr):
         raise ValueError("must be a single expression")
-    for node in ast.walk(module):
-        ident = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
-        if ident.startswith("_"):
-            raise ValueError(f"refusing the name {ident!r}")
+    _check_vocabulary(module)
     root: ast.AST = module.body[0].value
     while isinstance(root, ast.Call) and isinstance(root.func, ast.Attribute):
         if root.func.attr not in _OPERATORS:

@@ -30,6 +30,7 @@ kept and the sample is incomplete. One ServiceX request is made per dataset id.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import hashlib
@@ -46,8 +47,10 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, TextIO
 
 from ..catalogue import Catalog, InputFile
+from ..errors import Interrupted
 from ..manifest import Manifest, OutputFile, contained, safe_component
 from ..query import OUTPUT_COLUMN_NAMES, query_hash
+from ..utils import sigint_ignored
 from .common import (
     DeliveryError,
     DeliveryReport,
@@ -275,18 +278,51 @@ def _client_cache_arg(cache: Path) -> str:
     return str(absolute)
 
 
+class ServerLost(ServiceXError):
+    """The server stopped answering while transforms were running."""
+
+
+#: While the client runs, ``GET /servicex`` is asked this often; so many failures in a row mean the server is
+#: gone (the client itself would retry its status polls for minutes before it gives up).
+HEARTBEAT_S = 5.0
+HEARTBEAT_FAILURES = 3
+#: How long a cancelled client gets to wind down (twice: our task, then the client's own) before we go on.
+WIND_DOWN_S = 0.5
+
+
+#: Event loops (and their tasks) of clients that did not end when cancelled; see :func:`_run_client`.
+_ABANDONED: list[tuple[asyncio.AbstractEventLoop, list[asyncio.Task[Any]]]] = []
+
+
+async def _server_gone(ep: Endpoint, interval: float, failures: int) -> None:
+    """Return once ``failures`` heartbeats in a row got no answer from the server."""
+    import httpx
+
+    missed = 0
+    async with httpx.AsyncClient(timeout=interval) as client:
+        while missed < failures:
+            await asyncio.sleep(interval)
+            try:
+                await client.get(f"{ep.url}/servicex")
+                missed = 0
+            except httpx.HTTPError:
+                missed += 1
+
+
 def _run_client(
     spec: dict[str, Any], ep: Endpoint, cache: Path, quiet: bool, scrub: _Scrubber
 ) -> dict[str, Any]:
-    from servicex import deliver
+    """``servicex.deliver`` in an event loop of ours, on a daemon thread, with a watch on the server.
 
-    with (
-        _client_logs_silenced(),
-        contextlib.redirect_stdout(_ScrubbedStream(sys.stdout, scrub)),
-        contextlib.redirect_stderr(_ScrubbedStream(sys.stderr, scrub)),
-    ):
-        return dict(
-            deliver(
+    The client's own sync wrapper runs in a thread that the interpreter waits for at exit, so Ctrl-C took
+    14-34 s; here Ctrl-C cancels the client, waits about a second at most and raises ``KeyboardInterrupt``.
+    A server that stops answering ``HEARTBEAT_FAILURES`` heartbeats in a row raises :class:`ServerLost`.
+    """
+    from servicex.servicex_client import deliver_async
+
+    async def main() -> dict[str, Any]:
+        client = asyncio.ensure_future(
+            deliver_async(
                 spec,
                 config_path=ep.config_file,
                 servicex_name=ep.name,
@@ -296,6 +332,71 @@ def _run_client(
                 cache_dir=_client_cache_arg(cache),
             )
         )
+        watch = asyncio.ensure_future(_server_gone(ep, HEARTBEAT_S, HEARTBEAT_FAILURES))
+        try:
+            await asyncio.wait({client, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # let both unwind (close their connections) here, not in the garbage collector after the loop
+            for task in (watch, client):
+                if not task.done():
+                    task.cancel()
+            await asyncio.wait({watch, client}, timeout=WIND_DOWN_S)
+        if not client.done() or client.cancelled():
+            raise ServerLost(
+                f"lost the connection to ServiceX at {ep.url}: no answer for "
+                f"{HEARTBEAT_S * HEARTBEAT_FAILURES:.0f} s"
+            )
+        return dict(client.result())
+
+    loop = asyncio.new_event_loop()
+    # what the cancelled client leaves behind is reported by us in one line, not by asyncio
+    loop.set_exception_handler(lambda _loop, ctx: log.debug("client: %s", scrub(str(ctx.get("message")))))
+    task = loop.create_task(main())
+    finished = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def drive() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            outcome["result"] = loop.run_until_complete(task)
+        except BaseException as err:
+            outcome["error"] = err
+        finally:
+            # the client starts tasks of its own (status listeners, downloads): end them inside the loop
+            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in left:
+                t.cancel()
+            if left:
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(asyncio.wait(left, timeout=WIND_DOWN_S))
+            # the client's status poll retries even a cancellation while its server is away: such tasks are
+            # kept referenced, with their loop, so that no garbage collection prints their tracebacks later
+            stuck = [t for t in left if not t.done()]
+            if stuck:
+                _ABANDONED.append((loop, stuck))
+            else:
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+            finished.set()
+
+    with (
+        _client_logs_silenced(),
+        contextlib.redirect_stdout(_ScrubbedStream(sys.stdout, scrub)),
+        contextlib.redirect_stderr(_ScrubbedStream(sys.stderr, scrub)),
+    ):
+        threading.Thread(target=drive, name="agc-sx-servicex-client", daemon=True).start()
+        try:
+            while not finished.wait(0.1):
+                pass
+        except KeyboardInterrupt:
+            loop.call_soon_threadsafe(task.cancel)
+            finished.wait(2 * WIND_DOWN_S + 0.2)
+            raise
+    if not any(loop is held for held, _ in _ABANDONED):
+        loop.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return dict(outcome["result"])
 
 
 def _valid(guard: Any) -> bool:
@@ -434,18 +535,33 @@ def deliver_jobs(
         earlier = _subfolders(cache)  # transforms of earlier runs: what the client's cache may hand back
         ignore = ignore_cache
         watching = progressive and bool(pending)
-        with _Watcher(store, cache, requests, earlier, watch_interval) if watching else contextlib.nullcontext():
-            for _attempt in range(2):
-                if not pending:
-                    break
-                try:
+        try:
+            with _Watcher(store, cache, requests, earlier, watch_interval) if watching else contextlib.nullcontext():
+                for _attempt in range(2):
+                    if not pending:
+                        break
                     got = _run_client(make_spec(pending, ignore), ep, cache, quiet, scrub)
-                except Exception as err:  # what the watcher stored stays recorded: verified, reused next time
-                    raise ServiceXError(_fatal_message(err, ep, scrub)) from None
-                results.update(got)
-                # the client's cache hands back files deleted since: ask once more, bypassing it
-                pending = [t for t in pending if _valid(got.get(t)) and any(not Path(p).exists() for p in got[t])]
-                ignore = True
+                    results.update(got)
+                    # ask once more, bypassing the client's cache, for what it cannot give: files deleted since,
+                    # or a transform the server no longer knows (redeployed without its database)
+                    pending = [t for t in pending if _stale(got.get(t))]
+                    ignore = True
+        except KeyboardInterrupt:  # what was stored stays recorded: verified, reused next time
+            with sigint_ignored():  # a second Ctrl-C must not break the manifest write into a traceback
+                _settle_unfinished(store, plans, jobs, "delivery interrupted (Ctrl-C)")
+            raise Interrupted(
+                f"interrupted: {store.delivered} file(s) delivered and recorded in {manifest.path}; "
+                "run the same command again to fetch the rest"
+            ) from None
+        except Exception as err:
+            message = err.args[0] if isinstance(err, ServerLost) else _fatal_message(err, ep, scrub)
+            _settle_unfinished(store, plans, jobs, message)
+            if isinstance(err, ServerLost) or store.delivered:
+                message += (
+                    f"; {store.delivered} file(s) delivered and recorded, the rest marked missing in "
+                    f"{manifest.path}: run the same command again to fetch it"
+                )
+            raise ServiceXError(message) from None
 
         ask = [
             t for t, r in requests.items()
@@ -463,6 +579,30 @@ def deliver_jobs(
         reused = sum(len(p.done) for p in plans.values())
         names = [job.sample.name for job in jobs]
         return DeliveryReport(manifest, names, failures, store.delivered, reused)
+
+
+def _stale(guard: Any) -> bool:
+    """A result the client's cache cannot stand behind: deleted downloads, or a request id the server lost."""
+    if _valid(guard):
+        return any(not Path(p).exists() for p in guard)
+    if guard is None:
+        return False
+    try:
+        guard[0]
+    except Exception as err:
+        return "not found" in _one_line(err, _Scrubber())
+    return False
+
+
+def _settle_unfinished(store: _Store, plans: dict[str, Plan], jobs: Sequence[Job], why: str) -> None:
+    """After a run that stopped early: every input still missing is recorded as failed with ``why``."""
+    with store.lock:
+        for job in jobs:
+            p = plans[job.sample.name]
+            for f in p.todo:
+                if p.record.output_for(f.path) is None:
+                    p.record.set_failed(f.path, f.nevts, why)
+            finish_sample(store.manifest, p)
 
 
 # ---- storing what comes back, during and after the client call -----------------------------------------------
@@ -907,15 +1047,22 @@ def deliver_from_config(
     servicex_config: Path | None = None,
     force: bool = False,
     quiet: bool = False,
+    output_dir: Path | None = None,
+    endpoint: str | None = None,
+    ignore_cache: bool = False,
 ) -> DeliveryReport:
-    """Deliver a servicex-databinder style YAML through the same code path (its queries parsed, never run)."""
+    """Deliver a servicex-databinder style YAML through the same code path (its queries parsed, never run).
+
+    ``output_dir`` and ``endpoint``, when given, win over the YAML's ``OutputDirectory`` and
+    ``ServiceXBackendName``; ``ignore_cache`` adds to its ``IgnoreServiceXCache``.
+    """
     cfg = load_databinder_config(Path(path))
     return deliver_jobs(
         cfg.jobs,
-        cfg.output_dir,
+        cfg.output_dir if output_dir is None else Path(output_dir),
         servicex_config=servicex_config,
-        endpoint=cfg.endpoint,
-        ignore_cache=cfg.ignore_cache,
+        endpoint=endpoint or cfg.endpoint,
+        ignore_cache=cfg.ignore_cache or ignore_cache,
         force=force,
         quiet=quiet,
         skim_columns=False,
