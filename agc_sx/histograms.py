@@ -127,6 +127,31 @@ class ExactHist:
         out += other
         return out
 
+    def to_json(self) -> dict[str, Any]:
+        """Plain data (the exact sums as integers) for the streaming checkpoint: nothing to unpickle."""
+        return {"bins": self.bins, "lo": self.lo, "hi": self.hi, "sumw": self.sumw, "sumw2": self.sumw2,
+                "entries": self.entries}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ExactHist:
+        """The inverse of :meth:`to_json`; ValueError for anything that is not exactly such a record."""
+        if not isinstance(doc, dict) or set(doc) != {"bins", "lo", "hi", "sumw", "sumw2", "entries"}:
+            raise ValueError("not a histogram record")
+        bins, lo, hi, entries = doc["bins"], doc["lo"], doc["hi"], doc["entries"]
+        if not (isinstance(bins, int) and 0 < bins <= 10_000 and isinstance(entries, int) and entries >= 0
+                and all(isinstance(x, (int, float)) and np.isfinite(x) for x in (lo, hi)) and lo < hi):
+            raise ValueError("bad histogram binning")
+        sums = []
+        for name in ("sumw", "sumw2"):
+            values = doc[name]
+            if not (isinstance(values, list) and len(values) == bins + 2
+                    and all(type(v) is int for v in values)):
+                raise ValueError(f"bad histogram {name}")
+            sums.append(list(values))
+        if any(v < 0 for v in sums[1]):
+            raise ValueError("negative sum of squared weights")
+        return cls(bins, float(lo), float(hi), sums[0], sums[1], entries)
+
     def to_hist(self, label: str = "observable") -> hist.Hist:
         """A ``hist.Hist`` (Weight storage, flow bins) holding the correctly rounded sums."""
         h = hist.Hist(hist.axis.Regular(self.bins, self.lo, self.hi, name="observable", label=label),

@@ -92,10 +92,10 @@ class ChunkResult:
                     mine[key] += h
                 else:
                     mine[key] = h + ExactHist(h.bins, h.lo, h.hi)
-        for mine_n, theirs_n in ((self.events, other.events), (self.skimmed, getattr(other, "skimmed", {}))):
+        for mine_n, theirs_n in ((self.events, other.events), (self.skimmed, other.skimmed)):
             for sample, n in theirs_n.items():
                 mine_n[sample] = mine_n.get(sample, 0) + n
-        self.bytes_read += getattr(other, "bytes_read", 0)
+        self.bytes_read += other.bytes_read
         for sample, regions in other.region_events.items():
             mine_r = self.region_events.setdefault(sample, {})
             for region, n in regions.items():
@@ -103,6 +103,47 @@ class ChunkResult:
         self.cpu_seconds += other.cpu_seconds
         self.chunks += other.chunks
         return self
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for the streaming checkpoint (JSON: nothing in the user's folder is ever unpickled)."""
+        return {
+            "hists": [[list(k), h.to_json()] for k, h in sorted(self.hists.items())],
+            "ml_hists": [[list(k), h.to_json()] for k, h in sorted(self.ml_hists.items())],
+            "events": self.events, "skimmed": self.skimmed, "bytes_read": self.bytes_read,
+            "region_events": self.region_events, "cpu_seconds": self.cpu_seconds, "chunks": self.chunks,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ChunkResult:
+        """The inverse of :meth:`to_json`, validated field by field; ValueError on anything else."""
+        if not isinstance(doc, dict) or set(doc) != set(cls().to_json()):
+            raise ValueError("not a result record")
+
+        def hists(items: Any) -> dict[HistKey, ExactHist]:
+            if not isinstance(items, list):
+                raise ValueError("bad histogram list")
+            out: dict[HistKey, ExactHist] = {}
+            for item in items:
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], list)
+                        and len(item[0]) == 3 and all(isinstance(x, str) for x in item[0])):
+                    raise ValueError("bad histogram key")
+                out[(item[0][0], item[0][1], item[0][2])] = ExactHist.from_json(item[1])
+            return out
+
+        def counts(d: Any) -> dict[str, int]:
+            if not (isinstance(d, dict) and all(type(v) is int and v >= 0 for v in d.values())):
+                raise ValueError("bad event counts")
+            return dict(d)
+
+        regions = doc["region_events"]
+        if not isinstance(regions, dict):
+            raise ValueError("bad region counts")
+        numbers = (doc["bytes_read"], doc["chunks"])
+        if not all(type(n) is int and n >= 0 for n in numbers) or not isinstance(doc["cpu_seconds"], (int, float)):
+            raise ValueError("bad counters")
+        return cls(hists(doc["hists"]), hists(doc["ml_hists"]), counts(doc["events"]), counts(doc["skimmed"]),
+                   doc["bytes_read"], {s: counts(r) for s, r in regions.items()}, float(doc["cpu_seconds"]),
+                   doc["chunks"])
 
 
 @dataclass

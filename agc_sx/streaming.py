@@ -15,7 +15,8 @@ checkpoint is kept, so re-running fetches and processes only what is missing).
 from __future__ import annotations
 
 import json
-import pickle
+import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,10 +41,12 @@ from .processor import (
 )
 from .query import query_hash, query_text
 from .schema import check_parquet_schema, needed_columns
-from .utils import atomic_write_bytes, sha256_text
+from .utils import atomic_write_text, sha256_text
 
-CHECKPOINT_NAME = ".agc-sx-stream.pkl"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = ".agc-sx-stream.json"
+CHECKPOINT_FORMAT = "agc-sx streaming checkpoint"
+CHECKPOINT_VERSION = 2
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class StreamError(AgcSxError, RuntimeError):
@@ -52,27 +55,46 @@ class StreamError(AgcSxError, RuntimeError):
 
 @dataclass
 class _Checkpoint:
-    """What has been accumulated so far, written atomically as one pickle."""
+    """What has been accumulated so far, written atomically as one JSON document (data only, never code).
+
+    ``key`` ties it to its run (catalogue samples and files, query, BDT models and options): a checkpoint of
+    another run, or one that does not validate, is not used.
+    """
 
     key: str
     accumulated: dict[str, str] = field(default_factory=dict)  # output file (relative) -> sha256
     result: ChunkResult = field(default_factory=ChunkResult)
-    version: int = CHECKPOINT_VERSION
 
     def save(self, path: Path) -> None:
-        atomic_write_bytes(path, pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL))
+        doc = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "key": self.key,
+               "accumulated": self.accumulated, "result": self.result.to_json()}
+        atomic_write_text(path, json.dumps(doc, sort_keys=True))
 
     @classmethod
-    def load(cls, path: Path, key: str) -> _Checkpoint | None:
-        """The checkpoint at ``path`` if it belongs to the same configuration, else None (start afresh)."""
+    def load(cls, path: Path, key: str) -> tuple[_Checkpoint | None, str | None]:
+        """(the checkpoint at ``path`` if it is valid and of this run, else None; why it is not used)."""
         try:
-            with open(path, "rb") as f:
-                state = pickle.load(f)
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
-            return None
-        if not isinstance(state, cls) or state.version != CHECKPOINT_VERSION or state.key != key:
-            return None
-        return state
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None, None
+        except (OSError, ValueError) as err:
+            return None, f"checkpoint {path} is unreadable ({type(err).__name__}): starting afresh"
+        try:
+            if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError("not an agc-sx checkpoint")
+            if doc.get("version") != CHECKPOINT_VERSION:
+                raise ValueError(f"format version {doc.get('version')!r}")
+            if doc.get("key") != key:
+                return None, (f"checkpoint {path} belongs to another run (catalogue, query, models or options "
+                              "differ): starting afresh")
+            accumulated = doc.get("accumulated")
+            if not (isinstance(accumulated, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) and _SHA256.fullmatch(v)
+                    for k, v in accumulated.items())):
+                raise ValueError("bad list of accumulated files")
+            return cls(key, dict(accumulated), ChunkResult.from_json(doc.get("result"))), None
+        except ValueError as err:
+            return None, f"checkpoint {path} is not valid ({err}): starting afresh"
 
 
 @dataclass
@@ -180,7 +202,9 @@ def run_streaming(
     query_sha = query_hash(query_text())
     key = _configuration_key(jobs, query_sha, ml, _models_fingerprint(models_dir) if ml else None)
     checkpoint_path = output_dir / CHECKPOINT_NAME
-    state = None if force else _Checkpoint.load(checkpoint_path, key)
+    state, why = (None, None) if force else _Checkpoint.load(checkpoint_path, key)
+    if why and not quiet:
+        print(f"agc-sx: note: {why}", file=sys.stderr)
     resumed = state is not None and bool(state.accumulated)
     state = state or _Checkpoint(key)
     state.save(checkpoint_path)

@@ -100,8 +100,7 @@ def test_killed_run_resumes_without_double_counting(generated: Path, reference: 
                           capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert not (tmp_path / "histograms.root").exists()
-    with open(tmp_path / "delivered" / CHECKPOINT_NAME, "rb") as f:
-        assert len(pickle.load(f).accumulated) == 3
+    assert len(json.loads((tmp_path / "delivered" / CHECKPOINT_NAME).read_text())["accumulated"]) == 3
 
     result = run_streaming(load_catalog(generated), tmp_path / "delivered", backend="local",
                            output=tmp_path / "histograms.root", quiet=True)
@@ -128,8 +127,7 @@ def test_incomplete_delivery_writes_no_histograms(generated: Path, tmp_path: Pat
                       output=tmp_path / "histograms.root", quiet=True, ml=False)
     assert not (tmp_path / "histograms.root").exists()
     # what was processed is kept for the re-run
-    with open(tmp_path / "delivered" / CHECKPOINT_NAME, "rb") as f:
-        assert len(pickle.load(f).accumulated) == 9
+    assert len(json.loads((tmp_path / "delivered" / CHECKPOINT_NAME).read_text())["accumulated"]) == 9
 
 
 def test_run_help_explains_the_options() -> None:
@@ -138,3 +136,49 @@ def test_run_help_explains_the_options() -> None:
     for option in ("--backend", "--catalog", "--n-files", "--output", "--workers", "--no-ml", "--force"):
         assert option in result.output
     assert "checkpointed" in result.output
+
+
+class _Trap:
+    """Unpickling this creates a marker file: a checkpoint loader that unpickles would run it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (eval, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def test_crafted_or_foreign_checkpoint_is_never_executed_nor_used(
+    generated: Path, reference: Path, tmp_path: Path
+) -> None:
+    delivered = tmp_path / "delivered"
+    delivered.mkdir()
+    marker = tmp_path / "pwned"
+    (delivered / ".agc-sx-stream.pkl").write_bytes(pickle.dumps(_Trap(marker)))  # the old name
+    (delivered / CHECKPOINT_NAME).write_bytes(pickle.dumps(_Trap(marker)))  # and the current one
+    args = ["run", "--backend", "local", "--catalog", str(generated), "--output-dir", str(delivered),
+            "--output", str(tmp_path / "histograms.root")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert not marker.exists()
+    assert "checkpoint" in result.stderr and "starting afresh" in result.stderr
+    assert_same_histograms(tmp_path, reference)
+
+    # a well-formed checkpoint of another run (another catalogue) with inflated contents: ignored, one line
+    doc = json.loads((delivered / CHECKPOINT_NAME).read_text())
+    doc["key"] = "0" * 64
+    for _key, h in doc["result"]["hists"]:
+        h["sumw"] = [v * 1000 for v in h["sumw"]]
+    (delivered / CHECKPOINT_NAME).write_text(json.dumps(doc))
+    result = CliRunner().invoke(main, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert_same_histograms(tmp_path, reference)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "starting afresh" not in result.stderr  # its own checkpoint: used
+    # tampered contents of this run's own checkpoint are refused by validation, not trusted
+    doc = json.loads((delivered / CHECKPOINT_NAME).read_text())
+    doc["result"]["hists"][0][1]["sumw2"] = "not a list"
+    (delivered / CHECKPOINT_NAME).write_text(json.dumps(doc))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "is not valid" in result.stderr
+    assert_same_histograms(tmp_path, reference)
