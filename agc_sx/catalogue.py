@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,21 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def file_identity(path: str) -> str:
+    """What makes two spellings of a path the same file: ``a/../a/f.root`` is ``a/f.root``.
+
+    Local paths are resolved (links too); URLs keep scheme and host and have their path normalised, so the
+    same file listed twice is found before its events are counted twice.
+    """
+    scheme, sep, rest = path.partition("://")
+    if not sep:
+        return os.path.realpath(path)
+    if scheme == "file":
+        return os.path.realpath(rest)
+    host, slash, tail = rest.partition("/")
+    return f"{scheme}://{host}/{posixpath.normpath('/' + tail).lstrip('/')}" if slash else path
+
+
 def parse_catalog(data: object, source: str = "<memory>") -> Catalog:
     """Validate a decoded catalogue and build a :class:`Catalog`; raises :class:`CatalogError`."""
     if not isinstance(data, Mapping) or not data:
@@ -177,17 +193,21 @@ def parse_catalog(data: object, source: str = "<memory>") -> Catalog:
                 if not _is_int(nevts):
                     raise CatalogError(f"{where}: files[{i}].nevts must be an integer, got {nevts!r}")
                 assert isinstance(nevts, int)
-                if nevts < 0:
-                    raise CatalogError(f"{where}: files[{i}].nevts is negative ({nevts})")
-                if path in seen_paths:
-                    raise CatalogError(f"{where}: duplicate path {path} (also in {seen_paths[path]})")
-                seen_paths[path] = f"{process}/{variation}"
+                if nevts <= 0:
+                    raise CatalogError(
+                        f"{where}: files[{i}].nevts is {nevts}: a file's unskimmed event count must be positive "
+                        "(it is the normalisation; remove files without events)"
+                    )
+                same = file_identity(path)
+                if same in seen_paths:
+                    raise CatalogError(f"{where}: duplicate file {path} (also in {seen_paths[same]})")
+                seen_paths[same] = f"{process}/{variation} as {path}"
                 parsed.append(InputFile(path, nevts))
             nevts_total = entry.get("nevts_total", sum(f.nevts for f in parsed))
             if not _is_int(nevts_total):
                 raise CatalogError(f"{where}: nevts_total must be an integer, got {nevts_total!r}")
-            if nevts_total < 0:
-                raise CatalogError(f"{where}: nevts_total is negative ({nevts_total})")
+            if nevts_total <= 0:
+                raise CatalogError(f"{where}: nevts_total is {nevts_total}: it must be positive (the normalisation)")
             xsec = entry.get("xsec")
             from_catalog = xsec is not None
             if xsec is None:

@@ -21,6 +21,7 @@ import hist
 import numpy as np
 
 from .constants import HIST_BINS, HIST_RANGE
+from .manifest import safe_component
 from .utils import atomic_path
 
 #: Power of two the integer sums are scaled by: below the smallest subnormal's last mantissa bit.
@@ -167,7 +168,12 @@ ML_OUTPUT_NAME = "histograms_ml.root"
 
 
 def hist_key(region: str, process: str, variation: str) -> str:
-    """AGC / cabinetry naming: ``{region}_{process}`` for nominal, ``{region}_{process}_{variation}`` else."""
+    """AGC / cabinetry naming: ``{region}_{process}`` for nominal, ``{region}_{process}_{variation}`` else.
+
+    The names are sanitised as the sample folders are: a ``/`` in a catalogue's process name would otherwise
+    become nested directories in ``histograms.root``.
+    """
+    process, variation = safe_component(process), safe_component(variation)
     return f"{region}_{process}" if variation == "nominal" else f"{region}_{process}_{variation}"
 
 

@@ -56,7 +56,7 @@ from .selection import (
     skim_mask,
 )
 from .systematics import btag_weight_factors, jet_pt_variations, scale_var_factors
-from .utils import atomic_write_text
+from .utils import OutputSet
 
 EXECUTORS = ("iterative", "futures", "dask")
 METRICS_NAME = "metrics.json"
@@ -386,11 +386,11 @@ def sample_weight(record: SampleRecord) -> float:
     return record.xsec * LUMI_PB / record.nevts_total
 
 
-def parquet_column_bytes(path: Path, columns: list[str]) -> int:
-    """Compressed bytes of ``columns`` in a parquet file: what reading them costs."""
+def parquet_column_bytes(path: Path, columns: list[str], meta: Any = None) -> int:
+    """Compressed bytes of ``columns`` in a parquet file (or its footer ``meta``): what reading them costs."""
     import pyarrow.parquet as pq
 
-    meta = pq.ParquetFile(path).metadata
+    meta = meta if meta is not None else pq.ParquetFile(path).metadata
     wanted = set(columns)
     total = 0
     for rg in range(meta.num_row_groups):
@@ -410,10 +410,13 @@ class _Plan:
     rows: dict[str, int]
     bytes_read: int
     files: int
+    incomplete: dict[str, str]  # samples processed although incomplete (--allow-incomplete) -> what is missing
 
 
 def plan_inputs(manifest: Manifest, *, allow_incomplete: bool, columns: list[str]) -> _Plan:
     """Check every sample and file of a delivery and build the coffea fileset; refuse anything unusable."""
+    import pyarrow.parquet as pq
+
     if not manifest.samples:
         raise ProcessError(f"{manifest.path} lists no samples")
     fileset: dict[str, dict[str, Any]] = {}
@@ -422,14 +425,17 @@ def plan_inputs(manifest: Manifest, *, allow_incomplete: bool, columns: list[str
     max_rows = 0
     bytes_read = 0
     n_files = 0
+    incomplete: dict[str, str] = {}
     for name in sorted(manifest.samples):
         record = manifest.samples[name]
         if record.status != "complete":
+            missing = f"{len(record.outputs)} of {len(record.inputs)} files delivered"
             if not allow_incomplete:
                 raise ProcessError(
-                    f"sample {record.name} is {record.status} ({len(record.outputs)} of {len(record.inputs)} "
-                    "files delivered); finish the delivery or pass --allow-incomplete"
+                    f"sample {record.name} is {record.status} ({missing}); finish the delivery or pass "
+                    "--allow-incomplete"
                 )
+            incomplete[record.name] = missing
             if not record.outputs:
                 continue
         files = []
@@ -439,16 +445,21 @@ def plan_inputs(manifest: Manifest, *, allow_incomplete: bool, columns: list[str
                 raise ProcessError(f"sample {record.name}: {problem}")
             path = contained(manifest.base, out.file)
             check_parquet_schema(path, columns)
+            meta = pq.ParquetFile(path).metadata
+            if meta.num_rows != out.rows:
+                raise ProcessError(
+                    f"sample {record.name}: {out.file} holds {meta.num_rows} rows, the manifest says {out.rows}"
+                )
             if out.rows > 0:
                 files.append(str(path))
                 max_rows = max(max_rows, out.rows)
-                bytes_read += parquet_column_bytes(path, columns)
+                bytes_read += parquet_column_bytes(path, columns, meta)
         samples[record.name] = (record.process, record.variation, sample_weight(record))
         rows[record.name] = record.rows
         n_files += len(files)
         if files:
             fileset[record.name] = {"files": files, "treename": "events"}
-    return _Plan(fileset, samples, max_rows, rows, bytes_read, n_files)
+    return _Plan(fileset, samples, max_rows, rows, bytes_read, n_files, incomplete)
 
 
 def _executor(executor: str, workers: int, scheduler: str | None, quiet: bool) -> tuple[Any, Any]:
@@ -588,7 +599,8 @@ def run_processor(
         bytes_read=plan.bytes_read, columns=columns, executor=executor, workers=workers,
         extra={"input": str(Path(input_dir).resolve()), "scheduler": scheduler,
                "chunksize": chunksize or max(plan.max_rows, 1), "columns_read": branches,
-               "buffers_read": buffers},
+               "buffers_read": buffers, "allow_incomplete": allow_incomplete,
+               "incomplete_samples": plan.incomplete},
         pipeline="deliver+process", stages=stage.stages, io_only=io_only,
     )
 
@@ -688,10 +700,14 @@ def write_outputs(
             ml_histograms = _finalise(total.ml_hists, FEATURE_NAMES, "feature")
     metrics_path = output.parent / METRICS_NAME
     ml_output = output.parent / ML_OUTPUT_NAME if ml and not io_only else None
+    # histograms.root, histograms_ml.root and metrics.json are one result: replaced together or not at all
+    # (an --io-only run replaces only metrics.json; a --no-ml run removes an older histograms_ml.root)
+    members = [METRICS_NAME] if io_only else [output.name, ML_OUTPUT_NAME, METRICS_NAME]
+    outputs = OutputSet(output.parent, members)
     if not io_only:
-        write_root(output, histograms)
+        write_root(outputs.path(output.name), histograms)
         if ml_output is not None:
-            write_root(ml_output, ml_histograms)
+            write_root(outputs.path(ML_OUTPUT_NAME), ml_histograms)
     all_stages = {k: dict(v) for k, v in (stages or {}).items()}
     all_stages.setdefault("process", {})["cpu_seconds_chunks"] = total.cpu_seconds
     all_stages["write"] = {"wall_seconds": time.perf_counter() - w0, "cpu_seconds_driver": time.process_time() - c0}
@@ -732,7 +748,12 @@ def write_outputs(
         "host": {"cpus": os.cpu_count(), "platform": sys.platform},
         **dict(extra or {}),
     }
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    try:
+        outputs.path(METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+        outputs.commit()
+    except BaseException:
+        outputs.discard()
+        raise
     return RunResult(histograms, ml_histograms, metrics, output, ml_output, metrics_path)
 
 

@@ -115,3 +115,12 @@ def test_scalar_weight_fill_equals_elementwise_fill() -> None:
         array.fill(values, np.full(len(values), w))
         assert scalar.sumw == array.sumw and scalar.sumw2 == array.sumw2 and scalar.entries == array.entries
         assert scalar.to_hist().values(flow=True).sum() == pytest.approx(w * len(values), rel=1e-12, abs=1e-300)
+
+
+def test_keys_of_odd_sample_names_stay_flat() -> None:
+    """A catalogue process with a ``/`` must not become nested directories in histograms.root."""
+    from agc_sx.histograms import hist_key
+
+    assert hist_key("4j1b", "my/ttbar", "nominal") == "4j1b_my_ttbar"
+    assert hist_key("4j2b", "ttbar", "../up") == "4j2b_ttbar__up"  # "../up" -> "_up"
+    assert hist_key("4j1b", "single_top_tW", "pt_scale_up") == "4j1b_single_top_tW_pt_scale_up"

@@ -402,6 +402,11 @@ def test_refuses_incomplete_sample_unless_allowed(delivery: Path, tmp_path: Path
     ok = _cli([str(base), "--output", str(out), "--allow-incomplete"])
     assert ok.exit_code == 0, ok.output
     assert out.exists()
+    # the partial input is said, and recorded with the result
+    assert "--allow-incomplete: 1 sample(s)" in ok.stderr and "wjets__nominal: 2 of 3 files" in ok.stderr
+    metrics = json.loads((out.parent / "metrics.json").read_text())
+    assert metrics["allow_incomplete"] is True
+    assert metrics["incomplete_samples"] == {"wjets__nominal": "2 of 3 files delivered"}
 
 
 def test_refuses_missing_column(delivery: Path, tmp_path: Path) -> None:
@@ -438,6 +443,18 @@ def _rewrite_file(base: Path, change: Any) -> None:
     rec.set_output(OutputFile(out.file, out.input, out.nevts_input, out.rows, path.stat().st_size,
                               sha256_file(path), out.query_sha256))
     manifest.save()
+
+
+def test_refuses_rows_that_differ_from_the_manifest(delivery: Path, tmp_path: Path) -> None:
+    base = _copy_delivery(delivery, tmp_path / "d")
+    manifest = Manifest.load(base)
+    rec = manifest.samples["single_top_tW__nominal"]
+    out = rec.outputs[0]
+    rec.set_output(OutputFile(out.file, out.input, out.nevts_input, out.rows + 5, out.bytes, out.sha256,
+                              out.query_sha256))
+    manifest.save()
+    target = tmp_path / "o" / "histograms.root"
+    _refused(_cli([str(base), "--output", str(target)]), target, f"the manifest says {out.rows + 5}")
 
 
 def test_bad_options_are_refused(delivery: Path, tmp_path: Path) -> None:
@@ -542,3 +559,41 @@ def test_non_finite_values_fail_the_object_selection(delivery: Path, tmp_path: P
             assert (h.values(flow=True) >= 0).all(), key
     if ml:
         assert_same(poisoned.ml_histograms, vetoed.ml_histograms)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# outputs replaced as a set
+
+
+def test_outputs_are_replaced_as_one_set(delivery: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from agc_sx import utils
+
+    out = tmp_path / "histograms.root"
+    run_processor(delivery, output=out, ml=True, quiet=True)  # set A, with the BDT file
+    assert (tmp_path / "histograms_ml.root").exists()
+
+    # killed while writing the new set (before it is committed): the old set stays whole, leftovers go
+    (tmp_path / ".agc-sx-set.histograms.root.x1.part").write_bytes(b"half a file")
+    real_replace = os.replace
+
+    def crash_after_first(src: Any, dst: Any) -> None:  # the new histograms.root is in place, then the crash
+        if Path(dst).name == "metrics.json":
+            raise OSError("the machine went down")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", crash_after_first)
+    with pytest.raises(OSError, match="went down"):
+        run_processor(delivery, output=out, ml=False, quiet=True)  # set B, no BDT: dies mid-commit
+    monkeypatch.undo()
+    assert (tmp_path / utils.SET_JOURNAL).exists()
+    utils.recover_output_set(tmp_path)  # what the next run does first
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["ml_output"] is None and not (tmp_path / "histograms_ml.root").exists()  # all of set B
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["histograms.root", "metrics.json"]
+
+    # killed before the commit: only temporary files were written, and the next run removes them
+    (tmp_path / ".agc-sx-set.metrics.json.x2.part").write_bytes(b"{")
+    assert _cli([str(delivery), "--output", str(out)]).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["histograms.root", "metrics.json"]

@@ -56,6 +56,13 @@ def user_errors(*extra: type[BaseException]) -> Callable[[F], F]:
                 fail("interrupted", code=130)
             except kinds as err:
                 fail(str(err))
+            except OSError as err:
+                if err.filename is None:  # not about a file or folder: a bug, keep its traceback
+                    raise
+                # a folder that cannot be created, read or written (permissions, read-only, full disk, a file
+                # where a folder should be): the path and the system's reason, on one line
+                where = f"{err.filename} -> {err.filename2}" if err.filename2 else str(err.filename)
+                fail(f"{where}: {err.strerror or type(err).__name__}")
 
         return wrapper  # type: ignore[return-value]
 

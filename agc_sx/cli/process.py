@@ -75,5 +75,10 @@ def process(input_dir: Path | None, catalog_path: Path | None, n_files: int | No
             return
         extra = f" + {len(result.ml_histograms)} in {result.ml_output}" if result.ml_output else ""
         click.echo(f"wrote {result.output}: {len(result.histograms)} histograms{extra}; {summary}")
+        partial = m.get("incomplete_samples") or {}
+        if partial:
+            click.echo(f"agc-sx: warning: --allow-incomplete: {len(partial)} sample(s) processed from a partial "
+                       f"delivery ({', '.join(f'{k}: {v}' for k, v in sorted(partial.items()))}); "
+                       "their normalisation covers only the delivered files", err=True)
 
     run()
