@@ -467,6 +467,8 @@ def _executor(executor: str, workers: int, scheduler: str | None, quiet: bool) -
     if executor == "iterative":
         return processor.IterativeExecutor(status=not quiet), None
     if executor == "futures":
+        if workers == 1:  # one worker: the same work in this process, without a pool to start
+            return processor.IterativeExecutor(status=not quiet), None
         return processor.FuturesExecutor(workers=workers, status=not quiet), None
     if executor == "dask":
         try:

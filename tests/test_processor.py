@@ -597,3 +597,16 @@ def test_outputs_are_replaced_as_one_set(delivery: Path, tmp_path: Path, monkeyp
     (tmp_path / ".agc-sx-set.metrics.json.x2.part").write_bytes(b"{")
     assert _cli([str(delivery), "--output", str(out)]).exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["histograms.root", "metrics.json"]
+
+
+def test_all_cores_by_default_with_identical_results(delivery: Path, iterative_run: Any, tmp_path: Path) -> None:
+    from agc_sx.cli._group import ALL_CORES
+
+    out = tmp_path / "histograms.root"
+    result = CliRunner().invoke(main, ["process", str(delivery), "--output", str(out), "--no-ml", "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["executor"], metrics["workers"]) == ("futures", ALL_CORES)
+    with uproot.open(out) as f:
+        for key, h in iterative_run.histograms.items():
+            np.testing.assert_array_equal(f[key].values(flow=True), h.values(flow=True), err_msg=key)

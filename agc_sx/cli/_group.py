@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -32,6 +33,16 @@ def main() -> None:
       agc-sx fit histograms.root           # cabinetry fit of ttbar_norm
     Or everything offline on generated events: agc-sx demo
     """
+
+
+#: Worker processes when ``--workers`` is not given: every core, as the AGC notebook's FuturesExecutor(NUM_CORES).
+ALL_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def workers_option(what: str) -> Callable[[F], F]:
+    """``--workers N``, the same spelling and default (all cores) on every command."""
+    return click.option("--workers", type=click.IntRange(min=1), default=ALL_CORES,
+                        help=f"{what} [default: all cores, {ALL_CORES} here]; --workers 1 runs in one process.")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._group import fail, main, user_errors
+from ._group import fail, main, user_errors, workers_option
 
 _EXECUTORS = ("iterative", "futures", "dask")
 
@@ -23,10 +23,9 @@ _EXECUTORS = ("iterative", "futures", "dask")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("histograms.root"),
               show_default=True,
               help="Histograms file to write; histograms_ml.root and metrics.json go beside it.")
-@click.option("--executor", type=click.Choice(_EXECUTORS), default="iterative", show_default=True,
-              help="coffea executor: in this process, a process pool, or Dask.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes (futures, local Dask cluster); xgboost threads with iterative.")
+@click.option("--executor", type=click.Choice(_EXECUTORS), default="futures", show_default=True,
+              help="coffea executor: in this process, a process pool (one process with --workers 1), or Dask.")
+@workers_option("Worker processes (futures, local Dask cluster); xgboost threads with iterative")
 @click.option("--scheduler", metavar="ADDRESS", default=None,
               help="Connect --executor dask to this Dask scheduler (e.g. tcp://host:8786) instead of a local one.")
 @click.option("--chunksize", type=click.IntRange(min=1), default=None,

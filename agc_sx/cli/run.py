@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from ._group import catalog_options, delivery_options, main, select_catalog, servicex_options, user_errors
+from ._group import (
+    catalog_options,
+    delivery_options,
+    main,
+    select_catalog,
+    servicex_options,
+    user_errors,
+    workers_option,
+)
 
 
 @main.command("run")
@@ -14,8 +22,7 @@ from ._group import catalog_options, delivery_options, main, select_catalog, ser
 @catalog_options
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("histograms.root"),
               show_default=True, help="Histograms file; histograms_ml.root and metrics.json are written beside it.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processor worker processes (and local delivery workers).")
+@workers_option("Processor worker processes (and local delivery workers)")
 @click.option("--no-ml", is_flag=True, help="Skip the BDT jet-parton assignment (no histograms_ml.root).")
 @click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder with model_even.json and model_odd.json [default: the bundled models].")
