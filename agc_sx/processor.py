@@ -2,10 +2,10 @@
 
 Physics lives in :func:`analyse_events`, which takes any events array with ``run``, ``luminosityBlock``,
 ``event`` and ``Jet`` / ``Electron`` / ``Muon`` collections, so direct NanoAOD processing and streaming can call
-it unchanged. :class:`AGCProcessor` wraps it for coffea's ``Runner`` and returns one result per chunk, keyed by
-(sample, file, entry range); :func:`merge_chunks` adds those in sorted key order. With the exact histogram sums
-of :mod:`agc_sx.histograms` the result is bit-identical whatever the executor, worker count, chunking or
-completion order.
+it unchanged. :class:`AGCProcessor` wraps it for coffea's ``Runner`` and returns one :class:`ChunkResult` per
+chunk, which coffea adds into one running total as chunks complete, so memory does not grow with the number of
+chunks. With the exact (integer) histogram sums of :mod:`agc_sx.histograms` the result is bit-identical whatever
+the executor, worker count, chunking or completion order.
 
 Two drivers feed it through coffea's Runner: :func:`run_processor` (a delivery folder, ``format="parquet"``) and
 :func:`run_direct` (a catalogue's NanoAOD ROOT files, ``format="root"``, the delivery skim applied in the
@@ -103,6 +103,12 @@ class ChunkResult:
         self.cpu_seconds += other.cpu_seconds
         self.chunks += other.chunks
         return self
+
+    def __add__(self, other: ChunkResult) -> ChunkResult:
+        out = ChunkResult()
+        out += self
+        out += other
+        return out
 
     def to_json(self) -> dict[str, Any]:
         """Plain data for the streaming checkpoint (JSON: nothing in the user's folder is ever unpickled)."""
@@ -291,7 +297,7 @@ class AGCProcessor(processor.ProcessorABC):
             self._ml_config = MLConfig(_load_models(resolve_models_dir(self.models_dir).resolve()), self.nthread)
         return self._ml_config
 
-    def process(self, events: Any) -> dict[tuple[str, str, int], ChunkResult]:
+    def process(self, events: Any) -> ChunkResult:
         meta = events.metadata
         process_name, variation, weight = self.samples[meta["dataset"]]
         if self.io_only:
@@ -302,7 +308,7 @@ class AGCProcessor(processor.ProcessorABC):
         else:
             result = analyse_events(events, process_name, variation, weight, ml=self.ml_config(),
                                     sample=meta["dataset"], skim=self.skim)
-        return {(meta["dataset"], meta["filename"], int(meta["entrystart"])): result}
+        return result
 
     def postprocess(self, accumulator: Any) -> Any:
         return accumulator
@@ -324,13 +330,6 @@ def _load_models(directory: Path) -> Any:
         return _load_models_cached(directory)
 
 
-def merge_chunks(chunks: Mapping[tuple[str, str, int], ChunkResult]) -> ChunkResult:
-    """Add per-chunk results in sorted key order (exact sums make the order irrelevant for the numbers,
-    the fixed order keeps dict ordering and everything else reproducible too)."""
-    total = ChunkResult()
-    for key in sorted(chunks):
-        total += chunks[key]
-    return total
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -529,24 +528,24 @@ def _check_options(executor: str, workers: int, scheduler: str | None, chunksize
 
 def _run_runner(fileset: dict[str, dict[str, Any]], proc: AGCProcessor, *, fmt: str, treename: str,
                 executor: str, workers: int, scheduler: str | None, chunksize: int,
-                quiet: bool) -> tuple[dict[tuple[str, str, int], ChunkResult], dict[str, Any]]:
-    """coffea's Runner over ``fileset``: the per-chunk results and coffea's metrics (columns touched, bytes)."""
+                quiet: bool) -> tuple[ChunkResult, dict[str, Any]]:
+    """coffea's Runner over ``fileset``: the summed chunk results and coffea's metrics (columns, bytes)."""
     if not fileset:
-        return {}, {}
+        return ChunkResult(), {}
     exe, client = _executor(executor, workers, scheduler, quiet)
     try:
         runner = processor.Runner(executor=exe, pre_executor=processor.IterativeExecutor(status=False),
                                   schema=AGCSkimSchema, format=fmt, chunksize=chunksize, savemetrics=True)
         # coffea 2026.9 shows its rich progress bars even with status=False: silence them for --quiet
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            chunks, metrics = runner(fileset, proc, treename=treename)
+            total, metrics = runner(fileset, proc, treename=treename)
     finally:
         if client is not None:
             cluster = getattr(client, "cluster", None)
             client.close()
             if cluster is not None:
                 cluster.close()
-    return chunks, dict(metrics)
+    return total, dict(metrics)
 
 
 def columns_touched(metrics: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -591,10 +590,9 @@ def run_processor(
         if ml and not io_only:
             check_models(models_dir)  # fail early (and once) on missing or broken models
     with stage("process"):
-        chunks, coffea_metrics = _run_runner(
+        total, coffea_metrics = _run_runner(
             plan.fileset, proc, fmt="parquet", treename="events", executor=executor, workers=workers,
             scheduler=scheduler, chunksize=chunksize or max(plan.max_rows, 1), quiet=quiet)
-    total = merge_chunks(chunks)
     branches, buffers = columns_touched(coffea_metrics)
     return write_outputs(
         total, output, ml=ml, started=wall0, samples=plan.samples, rows=plan.rows, files=plan.files,
@@ -661,12 +659,11 @@ def run_direct(
             check_models(models_dir)
     with stage("process"):
         try:
-            chunks, coffea_metrics = _run_runner(
+            total, coffea_metrics = _run_runner(
                 fileset, proc, fmt="root", treename="Events", executor=executor, workers=workers,
                 scheduler=scheduler, chunksize=chunksize or DIRECT_CHUNKSIZE, quiet=quiet)
         except OSError as err:
             raise ProcessError(f"cannot read the input files: {err}") from None
-    total = merge_chunks(chunks)
     branches, buffers = columns_touched(coffea_metrics)
     return write_outputs(
         total, output, ml=ml, started=wall0, samples=weights, rows=dict(total.skimmed),
@@ -770,7 +767,6 @@ __all__ = [
     "analyse_file",
     "check_models",
     "columns_touched",
-    "merge_chunks",
     "needed_columns",
     "read_columns",
     "resolve_models_dir",
