@@ -596,7 +596,7 @@ def test_malformed_dataset_id_refused_before_submission(
 
 def test_a_file_still_being_written_is_seen_as_open(tmp_path: Path) -> None:
     """The watcher's guard: aioboto3 writes a download in place, so an open file is an unfinished one."""
-    from agc_sx.delivery.servicex_backend import _open_here
+    from agc_sx.delivery.servicex_backend.watcher import _open_here
 
     if _open_here() is None:
         pytest.skip("no /proc/self/fd here (the watcher then relies on size/mtime stability alone)")
@@ -739,9 +739,9 @@ def test_ctrl_c_ends_within_two_seconds_and_resumes(sx: SimpleNamespace, catalog
 
 def _kill_mid_transform(sx: SimpleNamespace, catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> float:
     """Deliver while the server dies after the first files are recorded; the seconds until the report."""
-    from agc_sx.delivery import servicex_backend
+    from agc_sx.delivery.servicex_backend import client
 
-    monkeypatch.setattr(servicex_backend, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(client, "HEARTBEAT_S", 0.2)
     gate = threading.Event()
     sx.double.behaviour.gate = gate
     outcome: dict[str, Any] = {}
