@@ -793,13 +793,32 @@ def test_server_dying_mid_transform_is_reported_then_resumed(
 def test_server_redeployed_without_its_state_is_asked_again(
     sx: SimpleNamespace, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _kill_mid_transform(sx, catalog, monkeypatch)
+    """The client's cache re-attaches to the request ids it submitted; a redeployed server answers 404."""
+    from agc_sx.delivery.servicex_backend import client
+
+    monkeypatch.setattr(client, "HEARTBEAT_S", 0.2)
+    sx.double.behaviour.delay = 1.5  # nothing is transformed before the server goes away
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", run(sx)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(sx.double.submissions) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    sx.double.kill()
+    thread.join(timeout=60)
+    sx.double.join_workers()
+    assert outcome["result"].exit_code == 1 and "lost the connection" in outcome["result"].stderr
+    assert not any(r.outputs for r in Manifest.load(sx.out))
+    sx.double.behaviour.delay = 0.0
     sx.double.restart(forget=True)  # GET /servicex/transformation/<cached id> now answers 404
+    assert not sx.double.submissions
     result = run(sx)
     assert result.exit_code == 0, result.output
     assert "not found" not in result.output
     assert all(r.status == "complete" for r in Manifest.load(sx.out))
-    assert sx.double.submissions  # submitted again
+    # the same requests again (the cache had them as submitted), answered by the redeployed server
+    assert sorted(s["title"] for s in sx.double.submissions) == ["ttbar__nominal", "wjets__nominal"]
+    assert sx.double.requests_log.count(("POST", "/servicex/transformation")) >= 4
 
 
 def test_refused_token_marks_the_samples_with_the_reason(sx: SimpleNamespace) -> None:

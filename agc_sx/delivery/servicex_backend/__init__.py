@@ -34,11 +34,13 @@ import contextlib
 import datetime
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...catalogue import Catalog, InputFile
 from ...errors import Interrupted
+from ...manifest import Manifest
 from ...query import OUTPUT_COLUMN_NAMES, query_hash
 from ...utils import sigint_ignored
 from ..common import DeliveryReport, Plan, check_dirnames, finish_sample, open_delivery, plan
@@ -46,7 +48,7 @@ from ..databinder_config import ConfigError, Job, load_databinder_config
 from ._scrub import _Scrubber
 from .client import _final_statuses, _run_client, _stale
 from .common import BACKEND, DATASET_TYPES, ServerLost, ServiceXError, _Request, _valid
-from .endpoint import _cache_dir, preflight, resolve_endpoint
+from .endpoint import Endpoint, _cache_dir, preflight, resolve_endpoint
 from .naming import _titles, match_outputs
 from .settle import _collect, _fatal_message, _settle_unfinished
 from .watcher import WATCH_INTERVAL_S, _Store, _subfolders, _Watcher
@@ -91,6 +93,106 @@ def _requests(jobs: Sequence[Job], plans: dict[str, Plan]) -> list[_Request]:
     ]
 
 
+@dataclass
+class _Run:
+    """One ``deliver_jobs`` call: where it talks to, what it asked for, and what it has stored so far."""
+
+    jobs: Sequence[Job]
+    ep: Endpoint
+    scrub: _Scrubber
+    cache: Path
+    plans: dict[str, Plan]
+    requests: dict[str, _Request]
+    store: _Store
+    earlier: set[str]  # transforms of earlier runs in the client's cache: what it may hand back
+    started: datetime.datetime = field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=60)
+    )
+
+
+def _plan(manifest: Manifest, jobs: Sequence[Job], force: bool) -> tuple[dict[str, Plan], dict[str, _Request]]:
+    """What is already delivered (reused) and what to ask the server for, per sample and request title."""
+    plans = {
+        job.sample.name: plan(manifest, job.sample, query_hash(job.qastle), force, backend=BACKEND,
+                              datasets=job.dataset_type != "filelist")
+        for job in jobs
+    }
+    manifest.save()
+    return plans, {r.title: r for r in _requests(jobs, plans)}
+
+
+def _spec(requests: dict[str, _Request], wanted: Sequence[str], ignore_cache: bool) -> dict[str, Any]:
+    """The ``servicex.deliver`` specification of the ``wanted`` requests (parquet, into the local cache)."""
+    from servicex.query import FuncADL_Uproot
+
+    samples = []
+    for title in wanted:
+        query = FuncADL_Uproot()
+        query.set_provided_qastle(requests[title].job.qastle)
+        samples.append(
+            {"Name": title, "Dataset": requests[title].dataset(), "Query": query, "IgnoreLocalCache": ignore_cache}
+        )
+    return {"General": {"OutputFormat": "parquet", "Delivery": "LocalCache"}, "Sample": samples}
+
+
+def _submit(run: _Run, *, ignore_cache: bool, quiet: bool, progressive: bool,
+            watch_interval: float) -> dict[str, Any]:
+    """Run the client (with the watcher storing files as they land) and return its result per title.
+
+    A second call, bypassing the client's cache, asks for what the cache cannot give: files deleted since,
+    or a transform the server no longer knows (redeployed without its database). Ctrl-C and a lost or
+    refusing server end the delivery here, with what was stored recorded and the rest marked missing.
+    """
+    pending = list(run.requests)
+    results: dict[str, Any] = {}
+    watching = progressive and bool(pending)
+    watcher = _Watcher(run.store, run.cache, run.requests, run.earlier, watch_interval) if watching else None
+    manifest = run.store.manifest
+    try:
+        with watcher if watcher is not None else contextlib.nullcontext():
+            for _attempt in range(2):
+                if not pending:
+                    break
+                got = _run_client(_spec(run.requests, pending, ignore_cache), run.ep, run.cache, quiet, run.scrub)
+                results.update(got)
+                pending = [t for t in pending if _stale(got.get(t))]
+                ignore_cache = True
+    except KeyboardInterrupt:  # what was stored stays recorded: verified, reused next time
+        with sigint_ignored():  # a second Ctrl-C must not break the manifest write into a traceback
+            _settle_unfinished(run.store, run.plans, run.jobs, "delivery interrupted (Ctrl-C)")
+        raise Interrupted(
+            f"interrupted: {run.store.delivered} file(s) delivered and recorded in {manifest.path}; "
+            "run the same command again to fetch the rest"
+        ) from None
+    except Exception as err:
+        message = err.args[0] if isinstance(err, ServerLost) else _fatal_message(err, run.ep, run.scrub)
+        _settle_unfinished(run.store, run.plans, run.jobs, message)
+        if isinstance(err, ServerLost) or run.store.delivered:
+            message += (
+                f"; {run.store.delivered} file(s) delivered and recorded, the rest marked missing in "
+                f"{manifest.path}: run the same command again to fetch it"
+            )
+        raise ServiceXError(message) from None
+    return results
+
+
+def _settle(run: _Run, results: dict[str, Any]) -> list[str]:
+    """Store what the client returned and the watcher has not, record the rest as failed; the user's lines."""
+    ask = [
+        t for t, r in run.requests.items()
+        if _valid(results.get(t)) and (r.did is not None or len(results[t]) < len(r.inputs))
+    ]
+    statuses = _final_statuses(run.ep, run.cache, ask, run.started) if ask else {}
+    failures: list[str] = []
+    with run.store.lock:
+        for title, r in run.requests.items():
+            lines = _collect(run.store, r, results.get(title), statuses.get(title), run.earlier)
+            failures.extend(f"{r.job.sample.name}: {line}" for line in lines)
+        for job in run.jobs:
+            finish_sample(run.store.manifest, run.plans[job.sample.name])
+    return failures
+
+
 def deliver_jobs(
     jobs: Sequence[Job],
     output_dir: Path,
@@ -104,15 +206,21 @@ def deliver_jobs(
     progressive: bool = True,
     watch_interval: float = WATCH_INTERVAL_S,
 ) -> DeliveryReport:
-    """Deliver ``jobs`` in one ``servicex.deliver`` call into ``output_dir`` (layout and manifest of common).
+    """Deliver ``jobs`` in one ``servicex.deliver`` call into ``output_dir``: plan, submit, settle.
 
-    ``skim_columns`` checks every stored file against the skim's columns (off for a user's own query).
-    ``progressive`` stores (verifies and records) each file as soon as the client has downloaded it, while
-    the client is still running, so a reader of the manifest (``agc-sx run``) can start on it; the end result
-    is the same as storing everything after the client returned.
+    Args:
+        jobs: the samples with their query and dataset type.
+        output_dir: the delivery folder (layout and manifest of :mod:`agc_sx.delivery.common`).
+        servicex_config: ``servicex.yaml`` to use instead of the client's search.
+        endpoint: the endpoint's name in it (default: its default endpoint).
+        ignore_cache: do not reuse the client's cached transforms.
+        force: redo every output, also those already delivered with this query.
+        quiet: no progress bars.
+        skim_columns: check every stored file against the skim's columns (off for a user's own query).
+        progressive: store (verify and record) each file as soon as the client has downloaded it, so that a
+            reader of the manifest (``agc-sx run``) can start on it; the end result is the same.
+        watch_interval: how often the client's download folder is looked at.
     """
-    from servicex.query import FuncADL_Uproot
-
     output_dir = Path(output_dir)
     _check_dataset_ids(jobs)
     check_dirnames(Catalog(tuple(job.sample for job in jobs)))
@@ -126,82 +234,14 @@ def deliver_jobs(
     with open_delivery(output_dir, text, query_hash(text) if text is not None else None) as manifest:
         if text is None:
             manifest.extra["queries"] = {job.sample.name: job.qastle for job in jobs}
-        plans = {
-            job.sample.name: plan(
-                manifest,
-                job.sample,
-                query_hash(job.qastle),
-                force,
-                backend=BACKEND,
-                datasets=job.dataset_type != "filelist",
-            )
-            for job in jobs
-        }
-        manifest.save()
-        requests = {r.title: r for r in _requests(jobs, plans)}
-
-        def make_spec(wanted: Sequence[str], ignore: bool) -> dict[str, Any]:
-            samples = []
-            for title in wanted:
-                query = FuncADL_Uproot()
-                query.set_provided_qastle(requests[title].job.qastle)
-                samples.append(
-                    {"Name": title, "Dataset": requests[title].dataset(), "Query": query, "IgnoreLocalCache": ignore}
-                )
-            return {"General": {"OutputFormat": "parquet", "Delivery": "LocalCache"}, "Sample": samples}
-
-        store = _Store(manifest, columns, scrub)
-        pending = list(requests)
-        results: dict[str, Any] = {}
-        started = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=60)
+        plans, requests = _plan(manifest, jobs, force)
         cache = _cache_dir(output_dir, ep)
-        earlier = _subfolders(cache)  # transforms of earlier runs: what the client's cache may hand back
-        ignore = ignore_cache
-        watching = progressive and bool(pending)
-        try:
-            with _Watcher(store, cache, requests, earlier, watch_interval) if watching else contextlib.nullcontext():
-                for _attempt in range(2):
-                    if not pending:
-                        break
-                    got = _run_client(make_spec(pending, ignore), ep, cache, quiet, scrub)
-                    results.update(got)
-                    # ask once more, bypassing the client's cache, for what it cannot give: files deleted since,
-                    # or a transform the server no longer knows (redeployed without its database)
-                    pending = [t for t in pending if _stale(got.get(t))]
-                    ignore = True
-        except KeyboardInterrupt:  # what was stored stays recorded: verified, reused next time
-            with sigint_ignored():  # a second Ctrl-C must not break the manifest write into a traceback
-                _settle_unfinished(store, plans, jobs, "delivery interrupted (Ctrl-C)")
-            raise Interrupted(
-                f"interrupted: {store.delivered} file(s) delivered and recorded in {manifest.path}; "
-                "run the same command again to fetch the rest"
-            ) from None
-        except Exception as err:
-            message = err.args[0] if isinstance(err, ServerLost) else _fatal_message(err, ep, scrub)
-            _settle_unfinished(store, plans, jobs, message)
-            if isinstance(err, ServerLost) or store.delivered:
-                message += (
-                    f"; {store.delivered} file(s) delivered and recorded, the rest marked missing in "
-                    f"{manifest.path}: run the same command again to fetch it"
-                )
-            raise ServiceXError(message) from None
-
-        ask = [
-            t for t, r in requests.items()
-            if _valid(results.get(t)) and (r.did is not None or len(results[t]) < len(r.inputs))
-        ]
-        statuses = _final_statuses(ep, cache, ask, started) if ask else {}
-
-        failures: list[str] = []
-        with store.lock:
-            for title, r in requests.items():
-                lines = _collect(store, r, results.get(title), statuses.get(title), earlier)
-                failures.extend(f"{r.job.sample.name}: {line}" for line in lines)
-            for job in jobs:
-                finish_sample(manifest, plans[job.sample.name])
+        run = _Run(jobs, ep, scrub, cache, plans, requests, _Store(manifest, columns, scrub), _subfolders(cache))
+        results = _submit(run, ignore_cache=ignore_cache, quiet=quiet, progressive=progressive,
+                          watch_interval=watch_interval)
+        failures = _settle(run, results)
         reused = sum(len(p.done) for p in plans.values())
-        names = [job.sample.name for job in jobs]
-        return DeliveryReport(manifest, names, failures, store.delivered, reused)
+        return DeliveryReport(manifest, [job.sample.name for job in jobs], failures, run.store.delivered, reused)
 
 
 def deliver_servicex(
