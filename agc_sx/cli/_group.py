@@ -51,6 +51,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def _exit_now(code: int) -> NoReturn:
+    """Exit at once after Ctrl-C, once everything is recorded: the servicex client leaves worker threads
+    behind that the interpreter would otherwise wait for (seconds under load). Inside a test runner, whose
+    streams replace the process's own, it is a normal exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
+        os._exit(code)
+    sys.exit(code)
+
+
 def user_errors(*extra: type[BaseException]) -> Callable[[F], F]:
     """Turn :class:`~agc_sx.errors.AgcSxError` (and the ``extra`` types) into one ``agc-sx: error: ...`` line
     and exit code 1; anything else is a bug and keeps its traceback."""
@@ -62,7 +73,8 @@ def user_errors(*extra: type[BaseException]) -> Callable[[F], F]:
             try:
                 return func(*args, **kwargs)
             except Interrupted as err:
-                fail(str(err), code=130)
+                click.echo(f"agc-sx: error: {err}", err=True)
+                _exit_now(130)
             except KeyboardInterrupt:
                 fail("interrupted", code=130)
             except kinds as err:
@@ -94,12 +106,26 @@ def catalog_options(func: F) -> F:
     return func
 
 
-def select_catalog(catalog_path: Path | None, n_files: int | None, samples: str | None) -> Catalog:
-    """The catalogue restricted as :func:`catalog_options` asked."""
-    from ..catalogue import load_catalog
+def prefix_options(func: F) -> F:
+    """``--prefix-from A --prefix-to B``: read the catalogue's files through another door (EOS, an XCache, a
+    redirector) without rewriting it; the same spelling as ``agc-sx catalog import``."""
+    for option in reversed((
+        click.option("--prefix-from", metavar="A", default=None,
+                     help="Read catalogue paths starting with A ..."),
+        click.option("--prefix-to", metavar="B", default=None,
+                     help="... from paths starting with B instead (e.g. root://eospublic.cern.ch//eos/...)."),
+    )):
+        func = option(func)
+    return func
+
+
+def select_catalog(catalog_path: Path | None, n_files: int | None, samples: str | None,
+                   prefix_from: str | None = None, prefix_to: str | None = None) -> Catalog:
+    """The catalogue restricted as :func:`catalog_options` asked, paths rewritten as :func:`prefix_options` asked."""
+    from ..catalogue import load_catalog, rewrite_prefix
 
     names = [n.strip() for n in samples.split(",") if n.strip()] if samples else None
-    return load_catalog(catalog_path).select(names, n_files)
+    return rewrite_prefix(load_catalog(catalog_path).select(names, n_files), prefix_from, prefix_to)
 
 
 def servicex_options(func: F) -> F:

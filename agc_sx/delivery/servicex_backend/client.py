@@ -177,7 +177,8 @@ def _final_statuses(ep: Endpoint, cache: Path, titles: Sequence[str], since: dat
     try:
         with _client_logs_silenced():
             client = ServiceXClient(backend=ep.name, config_path=ep.config_file, cache_dir=_client_cache_arg(cache))
-            transforms = client.get_transforms()
+            # in a loop of our own that shuts down with the call: the sync wrapper leaves an executor thread
+            transforms = asyncio.run(client.get_transforms_async())
     except Exception as err:  # only used to word the message better
         log.debug("cannot list transforms: %s", type(err).__name__)
         return {}
