@@ -253,9 +253,23 @@ def import_agc_catalog(
     """Convert an AGC ``nanoaod_inputs.json`` into our format: add ``xsec``, optionally rewrite path prefixes."""
     if (prefix_from is None) != (prefix_to is None):
         raise CatalogError("--prefix-from and --prefix-to go together")
-    catalog = load_catalog(path)
+    return rewrite_prefix(load_catalog(path), prefix_from, prefix_to)
+
+
+def rewrite_prefix(catalog: Catalog, prefix_from: str | None, prefix_to: str | None) -> Catalog:
+    """The catalogue with paths starting with ``prefix_from`` starting with ``prefix_to`` instead.
+
+    How one catalogue serves every way to the same files: the https:// door, EOS, a site's XCache or
+    redirector. A ``prefix_from`` that matches no file is refused (a typo would read the original files).
+    """
+    if (prefix_from is None) != (prefix_to is None):
+        raise CatalogError("--prefix-from and --prefix-to go together")
     if prefix_from is None or prefix_to is None:
         return catalog
+    paths = [f.path for s in catalog for f in s.files]
+    if paths and not any(p.startswith(prefix_from) for p in paths):
+        raise CatalogError(f"--prefix-from {prefix_from} matches none of the {len(paths)} files of {catalog.source} "
+                           f"(e.g. {paths[0]})")
     samples = []
     for s in catalog:
         files = tuple(

@@ -36,7 +36,7 @@ import hist
 import numpy as np
 from coffea import processor
 
-from . import __version__
+from . import __version__, remote
 from .catalogue import Catalog
 from .constants import HIST_BINS, HIST_RANGE, JET_VARIATIONS, LUMI_PB, REGIONS, TTBAR_ALTERNATIVES
 from .errors import AgcSxError
@@ -463,12 +463,13 @@ def plan_inputs(manifest: Manifest, *, allow_incomplete: bool, columns: list[str
 
 def _executor(executor: str, workers: int, scheduler: str | None, quiet: bool) -> tuple[Any, Any]:
     """The coffea executor and, for dask, the client to close afterwards."""
+    # retries=0: network reads are retried with back-off by agc_sx.remote.NetworkSource; anything else fails alike
     if executor == "iterative":
-        return processor.IterativeExecutor(status=not quiet), None
+        return processor.IterativeExecutor(status=not quiet, retries=0), None
     if executor == "futures":
         if workers == 1:  # one worker: the same work in this process, without a pool to start
-            return processor.IterativeExecutor(status=not quiet), None
-        return processor.FuturesExecutor(workers=workers, status=not quiet), None
+            return processor.IterativeExecutor(status=not quiet, retries=0), None
+        return processor.FuturesExecutor(workers=workers, status=not quiet, retries=0), None
     if executor == "dask":
         try:
             from distributed import Client, LocalCluster
@@ -538,7 +539,8 @@ def _run_runner(fileset: dict[str, dict[str, Any]], proc: AGCProcessor, *, fmt: 
                                   schema=AGCSkimSchema, format=fmt, chunksize=chunksize, savemetrics=True)
         # coffea 2026.9 shows its rich progress bars even with status=False: silence them for --quiet
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            total, metrics = runner(fileset, proc, treename=treename)
+            options = remote.uproot_options() if fmt == "root" else {}
+            total, metrics = runner(fileset, proc, treename=treename, uproot_options=options)
     finally:
         if client is not None:
             cluster = getattr(client, "cluster", None)
@@ -662,16 +664,21 @@ def run_direct(
             total, coffea_metrics = _run_runner(
                 fileset, proc, fmt="root", treename="Events", executor=executor, workers=workers,
                 scheduler=scheduler, chunksize=chunksize or DIRECT_CHUNKSIZE, quiet=quiet)
-        except OSError as err:
-            raise ProcessError(f"cannot read the input files: {err}") from None
+        except Exception as err:
+            reason = remote.explain_any(err, [f.path for s in cat for f in s.files])
+            if reason is None:
+                raise
+            raise ProcessError(f"cannot read the input files: {reason}") from None
     branches, buffers = columns_touched(coffea_metrics)
+    n_remote = sum(remote.is_remote(f.path) for s in cat for f in s.files)
+    network = int(coffea_metrics.get("bytesread", 0)) if n_remote == cat.n_files else (0 if not n_remote else None)
     return write_outputs(
         total, output, ml=ml, started=wall0, samples=weights, rows=dict(total.skimmed),
         files=cat.n_files, bytes_read=int(coffea_metrics.get("bytesread", 0)), columns=columns,
         executor=executor, workers=workers,
         extra={"input": str(cat.source), "scheduler": scheduler, "chunksize": chunksize or DIRECT_CHUNKSIZE,
                "nevts_per_sample": {s.name: s.nevts_total for s in cat}, "columns_read": branches,
-               "buffers_read": buffers},
+               "buffers_read": buffers, "bytes_read_network": network},
         pipeline="direct", stages=stage.stages, io_only=io_only,
     )
 

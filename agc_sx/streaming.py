@@ -320,6 +320,8 @@ def run_streaming(
         "processing_seconds": processing_seconds,
         "processing_overlapping_delivery_seconds": overlap,
         "overlap_fraction": overlap / processing_seconds if processing_seconds > 0 else None,
+        # what the local delivery read from remote inputs (root://, https://) in this run
+        "bytes_read_network": report.bytes_read if backend == "local" else None,
     }
     samples = {name: (job.process, job.variation, job.weight) for name, job in jobs.items()}
     rows = {name: report.manifest.samples[name].rows for name in jobs}

@@ -13,9 +13,11 @@ from ._group import (
     delivery_options,
     fail,
     main,
+    prefix_options,
     select_catalog,
     servicex_options,
     user_errors,
+    workers_option,
 )
 
 #: Options that only mean something to the ServiceX backend: (parameter name, flag, default).
@@ -31,8 +33,8 @@ _SERVICEX_ONLY = (
 @main.command("deliver")
 @delivery_options
 @catalog_options
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Local backend: files processed in parallel (worker processes).")
+@prefix_options
+@workers_option("Local backend: files skimmed in parallel (worker processes)")
 @click.option("--force", is_flag=True, help="Redo every output, even those already delivered with this query.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--show-query", is_flag=True, help="Print the qastle text that would be sent, and exit.")
@@ -47,6 +49,8 @@ def deliver(
     catalog_path: Path | None,
     n_files: int | None,
     samples: str | None,
+    prefix_from: str | None,
+    prefix_to: str | None,
     output_dir: Path,
     workers: int,
     force: bool,
@@ -68,13 +72,15 @@ def deliver(
         given = [flag for name, flag, default in _SERVICEX_ONLY if servicex_options[name] != default]
         if given:
             fail(f"{', '.join(given)}: only for --backend servicex")
-    elif workers != 1:
+    elif click.get_current_context().get_parameter_source("workers") != ParameterSource.DEFAULT:
         fail("--workers only applies to --backend local (ServiceX runs the files in parallel on the server)")
 
     config: Path | None = servicex_options.pop("config")
     if config is not None:
         if catalog_path is not None or n_files is not None or samples is not None:
             fail("--config describes its own samples; do not combine it with --catalog, --n-files or --samples")
+        if prefix_from is not None or prefix_to is not None:
+            fail("--prefix-from/--prefix-to rewrite catalogue paths; --config gives its own datasets")
         if servicex_options["dataset_type"] != "filelist":
             fail("--config gives each sample's dataset (XRootDFiles or RucioDID); do not combine it with --dataset-type")
         # what the command line says explicitly wins over the YAML's General section
@@ -88,7 +94,7 @@ def deliver(
         _finish(report)
         return
 
-    catalog = select_catalog(catalog_path, n_files, samples)
+    catalog = select_catalog(catalog_path, n_files, samples, prefix_from, prefix_to)
     if backend == "local":
         from ..delivery.local import deliver_local
 

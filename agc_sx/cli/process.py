@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._group import fail, main, user_errors, workers_option
+from ._group import fail, main, prefix_options, select_catalog, user_errors, workers_option
 
 _EXECUTORS = ("iterative", "futures", "dask")
 
@@ -20,6 +20,7 @@ _EXECUTORS = ("iterative", "futures", "dask")
               help="With --catalog: only the first N files of each sample (normalisation follows).")
 @click.option("--samples", "samples", metavar="S1,S2", default=None,
               help="With --catalog: comma-separated samples, process__variation or a bare process [default: all].")
+@prefix_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("histograms.root"),
               show_default=True,
               help="Histograms file to write; histograms_ml.root and metrics.json go beside it.")
@@ -40,7 +41,8 @@ _EXECUTORS = ("iterative", "futures", "dask")
               help="Benchmark mode: read exactly the needed columns and nothing else; writes only metrics.json.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, only the summary line.")
 def process(input_dir: Path | None, catalog_path: Path | None, n_files: int | None, samples: str | None,
-            output: Path, executor: str, workers: int, scheduler: str | None, chunksize: int | None,
+            prefix_from: str | None, prefix_to: str | None, output: Path, executor: str, workers: int,
+            scheduler: str | None, chunksize: int | None,
             allow_incomplete: bool, no_ml: bool, models_dir: Path | None, io_only: bool, quiet: bool) -> None:
     """Process the delivered skim in DIR (or, with --catalog, the NanoAOD files directly) into AGC histograms
     (regions, systematics, BDT observables)."""
@@ -52,6 +54,8 @@ def process(input_dir: Path | None, catalog_path: Path | None, n_files: int | No
         fail("give DIR (a delivery folder) or --catalog CATALOG (direct NanoAOD processing)")
     if input_dir is not None and (n_files is not None or samples is not None):
         fail("--n-files and --samples select catalogue inputs: use them with --catalog (DIR is processed whole)")
+    if input_dir is not None and (prefix_from is not None or prefix_to is not None):
+        fail("--prefix-from/--prefix-to rewrite catalogue paths: use them with --catalog")
     if catalog_path is not None and allow_incomplete:
         fail("--allow-incomplete applies to a delivery folder DIR, not to --catalog")
 
@@ -60,8 +64,8 @@ def process(input_dir: Path | None, catalog_path: Path | None, n_files: int | No
         common = dict(output=output, executor=executor, workers=workers, scheduler=scheduler, chunksize=chunksize,
                       ml=not no_ml, models_dir=models_dir, quiet=quiet, io_only=io_only)
         if catalog_path is not None:
-            names = [n.strip() for n in samples.split(",") if n.strip()] if samples else None
-            result = run_direct(catalog_path, n_files=n_files, samples=names, **common)  # type: ignore[arg-type]
+            catalog = select_catalog(catalog_path, n_files, samples, prefix_from, prefix_to)
+            result = run_direct(catalog, **common)  # type: ignore[arg-type]
         else:
             assert input_dir is not None
             result = run_processor(input_dir, allow_incomplete=allow_incomplete, **common)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from ._group import (
     catalog_options,
     delivery_options,
     main,
+    prefix_options,
     select_catalog,
     servicex_options,
     user_errors,
@@ -20,6 +21,7 @@ from ._group import (
 @main.command("run")
 @delivery_options
 @catalog_options
+@prefix_options
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("histograms.root"),
               show_default=True, help="Histograms file; histograms_ml.root and metrics.json are written beside it.")
 @workers_option("Processor worker processes (and local delivery workers)")
@@ -30,8 +32,9 @@ from ._group import (
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @servicex_options
 @user_errors()
-def run(backend: str, catalog_path: Path | None, n_files: int | None, samples: str | None, output_dir: Path,
-        output: Path, workers: int, no_ml: bool, models_dir: Path | None, force: bool, quiet: bool,
+def run(backend: str, catalog_path: Path | None, n_files: int | None, samples: str | None,
+        prefix_from: str | None, prefix_to: str | None, output_dir: Path, output: Path, workers: int, no_ml: bool,
+        models_dir: Path | None, force: bool, quiet: bool,
         servicex_config: Path | None, endpoint: str | None, ignore_cache: bool) -> None:
     """Deliver and process at once: every file is processed as soon as it has landed and been verified.
 
@@ -42,7 +45,7 @@ def run(backend: str, catalog_path: Path | None, n_files: int | None, samples: s
         raise click.UsageError("--servicex-config, --endpoint and --ignore-cache are only for --backend servicex")
     from ..streaming import run_streaming
 
-    catalog = select_catalog(catalog_path, n_files, samples)
+    catalog = select_catalog(catalog_path, n_files, samples, prefix_from, prefix_to)
     servicex = {"servicex_config": servicex_config, "endpoint": endpoint, "ignore_cache": ignore_cache}
     result = run_streaming(catalog, output_dir, backend=backend, output=output, workers=workers, ml=not no_ml,
                            models_dir=models_dir, force=force, quiet=quiet,

@@ -64,6 +64,7 @@ class DeliveryReport:
     failures: list[str] = field(default_factory=list)
     delivered: int = 0  # outputs written by this run
     reused: int = 0  # outputs kept from an earlier run
+    bytes_read: int = 0  # input bytes this run read (over the network for remote inputs; local backend)
 
     @property
     def ok(self) -> bool:
@@ -354,6 +355,7 @@ def store_output(
     expected_columns: Sequence[str] | None = OUTPUT_COLUMN_NAMES,
     name: str | None = None,
     nevts_input: int | None = None,
+    verified: tuple[int, str] | None = None,
 ) -> OutputFile:
     """Put the output of ``input_file`` at its final place, verified, and record it in the saved manifest.
 
@@ -366,6 +368,9 @@ def store_output(
     input - the files a dataset id expands into - so the input's other outputs are kept; ``nevts_input``
     then says how many of the input's unskimmed events this output accounts for (the whole count on one
     output, 0 on the others, so ``nevts_total`` stays a plain sum).
+
+    ``verified``: (rows, sha256) of the file ``source``, from a worker process that has just written it and run
+    :func:`verify_parquet` on it (the local backend), so that it is moved without being read a second time.
     """
     base = manifest.base
     if name is not None and not name.startswith(plan.record.dirname + "/"):
@@ -384,16 +389,19 @@ def store_output(
                     shutil.copyfile(src, tmp)
             except OSError as err:
                 raise DeliveryError(f"cannot take over {src}: {err.strerror or err}") from None
-            if _is_empty_without_schema(tmp):
+            if verified is None and _is_empty_without_schema(tmp):
                 write_parquet(empty_skim(), tmp)
-        rows = verify_parquet(tmp, expected_columns)
+        if verified is not None and not isinstance(source, ak.Array):
+            rows, digest = verified
+        else:
+            rows, digest = verify_parquet(tmp, expected_columns), sha256_file(tmp)
         out = OutputFile(
             file=rel,
             input=input_file.path,
             nevts_input=input_file.nevts if nevts_input is None else nevts_input,
             rows=rows,
             bytes=tmp.stat().st_size,
-            sha256=sha256_file(tmp),
+            sha256=digest,
             query_sha256=query_sha256,
         )
     record = plan.record
