@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from agc_sx.catalogue import Catalog, InputFile, Sample, parse_catalog, save_catalog
+from agc_sx.catalogue import Catalog, InputFile, Sample, load_catalog, parse_catalog, save_catalog
 from agc_sx.cli import main
 from agc_sx.delivery import DeliveryError, deliver_local
 from agc_sx.delivery.common import output_names
@@ -243,6 +243,116 @@ def test_unreadable_input_is_reported_and_the_rest_delivered(delivered, inputs, 
     missing.symlink_to(inputs["ttbar__nominal"][1])
     fixed = deliver_local(_catalog(entries), out, quiet=True)
     assert fixed.ok and fixed.delivered == 2 and fixed.reused == 2
+
+
+def test_eager_skim_equals_the_dask_path_bit_for_bit_and_traces_once_per_layout(inputs, tmp_path: Path) -> None:
+    """The local backend runs func-adl-uproot's code eagerly; the parquet must be what the dask path gives."""
+    from agc_sx.delivery.common import write_parquet
+    from agc_sx.delivery.local import Skim
+    from agc_sx.query import execute
+
+    text = query_text()
+    skim = Skim(text)
+    from conftest import REAL_NANOAOD
+
+    real = [REAL_NANOAOD] if REAL_NANOAOD.exists() else []
+    files = [f for fs in inputs.values() for f in fs]
+    for i, f in enumerate([*files, *real]):
+        eager, _ = skim(str(f))
+        write_parquet(eager, tmp_path / f"eager{i}.parquet")
+        write_parquet(execute(text, str(f)), tmp_path / f"dask{i}.parquet")
+        assert (tmp_path / f"eager{i}.parquet").read_bytes() == (tmp_path / f"dask{i}.parquet").read_bytes(), f
+    # the generated files share one branch layout, the real CMS file has its own (947 branches)
+    assert len(skim.layouts) == 1 + len(real)
+    assert all(set(columns) == set(OUTPUT_COLUMN_NAMES) for columns in skim.layouts.values())
+
+
+def test_entries_differing_from_the_catalogue_are_named_and_the_sample_incomplete(inputs, tmp_path: Path) -> None:
+    good, other = inputs["ttbar__nominal"]
+    catalog = parse_catalog({"ttbar": {"nominal": {"xsec": 1.0, "files": [
+        {"path": str(good), "nevts": 400}, {"path": str(other), "nevts": 450}]}}})
+    report = deliver_local(catalog, tmp_path / "out", workers=1, quiet=True)
+    assert not report.ok
+    [line] = report.failures
+    assert str(other) in line and "400 entries" in line and "catalogue says 450" in line
+    record = Manifest.load(tmp_path / "out").samples["ttbar__nominal"]
+    assert record.status == "incomplete" and [o.input for o in record.outputs] == [str(good)]
+    assert record.nevts_total == 400  # only what was delivered counts
+
+
+def test_truncated_and_non_root_files_get_a_reason_a_person_understands(inputs, tmp_path: Path) -> None:
+    source = inputs["ttbar__nominal"][0]
+    data = source.read_bytes()
+    truncated = tmp_path / "in" / "truncated.root"
+    truncated.parent.mkdir()
+    truncated.write_bytes(data[: len(data) // 2])
+    small = tmp_path / "in" / "head_only.root"
+    small.write_bytes(data[:5000])
+    text = tmp_path / "in" / "notes.root"
+    text.write_text("<html><body>404 Not Found</body></html>\n")
+    html = tmp_path / "in" / "big.root"
+    html.write_text("this is a text file named .root\n" * 1000)
+    catalog = parse_catalog({"ttbar": {"nominal": {"xsec": 1.0, "files": [
+        {"path": str(p), "nevts": 400} for p in (truncated, small, text, html)]}}})
+    report = deliver_local(catalog, tmp_path / "out", workers=1, quiet=True)
+    lines = {line.split(": ", 2)[1]: line.split(": ", 2)[2] for line in report.failures}
+    assert lines[str(truncated)] == (f"truncated ROOT file: {len(data) // 2:,} of {len(data):,} bytes "
+                                     "(the size its header records); fetch it again")
+    assert lines[str(small)].startswith("truncated ROOT file: 5,000 of ")
+    assert lines[str(text)].startswith("not a ROOT file: it starts with '<html><body>404 Not Foun' (text")
+    assert lines[str(html)].startswith("not a ROOT file: it starts with 'this is a text file name' (text")
+    assert "Chunk" not in " ".join(report.failures)
+
+
+def _ctrl_c_inputs(tmp_path: Path, nanoaod_writer) -> Path:
+    """Twelve files in three samples, big enough that a Ctrl-C lands in the middle of the delivery."""
+    entries = {name: [nanoaod_writer(tmp_path / "in" / name / f"f{i}.root", 40_000, 10 * k + i) for i in range(4)]
+               for k, name in enumerate(("ttbar__nominal", "wjets__nominal", "ttbar__scaledown"))}
+    path = tmp_path / "ntuples.json"
+    save_catalog(_catalog(entries), path)
+    return path
+
+
+def test_ctrl_c_leaves_no_partial_files_and_the_next_run_resumes(tmp_path: Path, nanoaod_writer) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    catalog = _ctrl_c_inputs(tmp_path, nanoaod_writer)
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", "from agc_sx.cli import main; main()", "deliver", "--backend", "local",
+               "--catalog", str(catalog), "--output-dir", str(out), "--workers", "2", "--quiet"]
+    # a new session, and the signal to its whole process group: what Ctrl-C in a terminal does
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if any(r.outputs for r in Manifest.load(out)):
+                break
+        except Exception:
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "the delivery ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines() == [line for line in stderr.strip().splitlines() if "interrupted" in line]
+    assert not list(out.rglob("*.part")), sorted(out.rglob("*.part"))
+    manifest = Manifest.load(out)
+    kept = sum(len(r.outputs) for r in manifest)
+    assert 1 <= kept < 12
+    assert all(o.verify(out) is None for r in manifest for o in r.outputs)
+    # the next run delivers only the rest, and the whole equals an uninterrupted delivery
+    result = CliRunner().invoke(main, command[3:])
+    assert result.exit_code == 0, result.output
+    assert f"({12 - kept} new, {kept} reused)" in result.output
+    clean = tmp_path / "clean"
+    assert deliver_local(load_catalog(catalog), clean, workers=1, quiet=True).ok
+    assert _shas(out) == _shas(clean)
 
 
 @pytest.mark.parametrize("process,variation", [("../../escape", "nominal"), ("ttbar", "a/../../b"), ("..", "..")])
