@@ -5,12 +5,14 @@ At a facility the catalogue's files are ``root://`` (fsspec-xrootd over the XRoo
 
 * :class:`NetworkSource`, an uproot source that retries a failed read a bounded number of times with back-off
   (a server that restarts, a redirector that drops a connection) and then raises *one* line;
+* ISA-L for inflating ZLIB baskets (the same bytes, faster), where installed;
 * client defaults that fail in seconds rather than the XRootD client's ten minutes per unreachable server
   (set only where the user has not set them);
 * :func:`explain`, which turns what uproot, fsspec, aiohttp and XRootD raise into a reason a person can act on:
   a missing file, an untrusted certificate (and how to trust it), a server that is gone, a truncated file.
 
-Importing this module sets the XRootD client defaults, so it is imported before any reader is created.
+Importing this module sets the XRootD client defaults and the inflater, so it is imported before any reader
+is created.
 """
 
 from __future__ import annotations
@@ -57,6 +59,22 @@ def configure_clients() -> None:
 
 
 configure_clients()
+
+
+def fast_inflate() -> None:
+    """Inflate ROOT's ZLIB baskets with ISA-L when ``isal`` is installed: the same bytes, ~1.7x faster than zlib
+    (decompression is most of the time a skim spends reading). Writing (``uproot.ZLIB``) stays on zlib."""
+    import importlib.util
+
+    import uproot.compression as compression
+
+    if importlib.util.find_spec("isal") is None or getattr(compression._DecompressZLIB, "library", None) != "zlib":
+        return
+    compression.ZLIB.library = "zlib"  # pinned on the subclass that compresses, before the base class changes
+    compression._DecompressZLIB.library = "isal"
+
+
+fast_inflate()
 
 
 class RemoteReadError(AgcSxError, OSError):
@@ -373,6 +391,7 @@ __all__ = [
     "configure_clients",
     "explain",
     "explain_any",
+    "fast_inflate",
     "forget_connections",
     "is_remote",
     "is_transient",

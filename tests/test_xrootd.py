@@ -280,6 +280,8 @@ def test_server_gone_is_retried_with_back_off_then_one_line_each(data: dict[str,
     finally:
         server.start()
     monkeypatch.setattr(local_backend, "store_output", store)
+    # the client waits out its stream error window (XRD_STREAMERRORWINDOW, 1 s) before it reconnects
+    monkeypatch.setenv("AGC_SX_READ_BACKOFF", "0.5")
     result = runner.invoke(main, args)  # the server is back: only what is missing is delivered
     assert result.exit_code == 0, result.output
     assert "(3 new, 1 reused)" in result.output

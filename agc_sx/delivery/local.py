@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -143,7 +144,7 @@ class Skim:
         return dict(self._columns)
 
     def learn(self, layouts: dict[Layout, list[str]]) -> None:
-        """Take over layouts traced elsewhere (the parent traces the first file while the workers start)."""
+        """Take over layouts traced elsewhere (by the parent, in a run of its own)."""
         self._columns.update(layouts)
 
     def columns(self, path: str, tree: Any) -> list[str]:
@@ -158,13 +159,6 @@ class Skim:
                 needed.update(columns or ())
             self._columns[layout] = sorted(needed)
         return self._columns[layout]
-
-    def trace(self, path: str) -> None:
-        """Learn the layout of ``path`` (opens it; reads no data)."""
-        import uproot
-
-        with uproot.open(path, **remote.uproot_options()) as file:
-            self.columns(path, file[self.tree])
 
     def __call__(self, path: str, nevts: int | None = None) -> tuple[ak.Array, int]:
         """(the skim of ``path``, bytes read); refuses a file whose entries differ from the catalogue's ``nevts``."""
@@ -277,7 +271,7 @@ def deliver_local(
         try:
             with ExitStack() as stack:
                 # the pool first: forked workers must not inherit the progress bar's thread
-                pool = _pool(stack, workers, len(tasks))
+                pool = _pool(stack, workers, len(tasks), text, tree)
                 advance = _progress(stack, plans, quiet)
                 for p in plans.values():
                     if not p.todo:
@@ -325,26 +319,35 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _pool(stack: ExitStack, workers: int, n_tasks: int) -> ProcessPoolExecutor | None:
+def _prepare(qastle: str, tree: str) -> None:
+    """Translate the query and import what tracing it needs here, once, so that forked workers inherit both."""
+    import dask_awkward  # noqa: F401
+    import vector  # noqa: F401
+
+    skim(qastle, tree)
+
+
+def _pool(stack: ExitStack, workers: int, n_tasks: int, qastle: str, tree: str) -> ProcessPoolExecutor | None:
     """A process pool for ``workers > 1`` (None: run in this process).
 
-    On Linux the workers come from a fork server that has imported the readers once (each fork then starts
-    in milliseconds, and this process's threads - fsspec's I/O loop, rich's refresh - are not inherited);
-    elsewhere they are spawned, each importing awkward/uproot again.
+    On Linux the workers are forked from this process when it runs no other thread (the command line: they
+    start at once, with everything imported), else from a fork server that has imported the readers once (so
+    that no thread - fsspec's I/O loop, rich's refresh, a caller's - is inherited half-way); elsewhere they
+    are spawned, each importing awkward/uproot again.
     """
     if workers == 1 or n_tasks <= 1:
         return None
-    if sys.platform == "linux":
+    _prepare(qastle, tree)
+    context: multiprocessing.context.BaseContext
+    if sys.platform == "linux" and threading.active_count() == 1:
+        context = multiprocessing.get_context("fork")  # no thread to inherit: the workers start at once
+    elif sys.platform == "linux":
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__, "uproot", "dask_awkward", "func_adl_uproot"])
+        context.set_forkserver_preload([__name__, "uproot", "dask_awkward", "func_adl_uproot", "vector"])
     else:
         context = multiprocessing.get_context("spawn")
     return stack.enter_context(ProcessPoolExecutor(max_workers=min(workers, n_tasks), mp_context=context,
                                                    initializer=_ignore_sigint))
-
-
-def _warm_up() -> None:
-    """Nothing: submitted first, it makes the pool start its workers."""
 
 
 def _stop_workers(pool: ProcessPoolExecutor | None) -> None:
@@ -377,11 +380,7 @@ def _run(
             _, f, p = task
             yield task, run_one(qastle, f.path, tree, str(p.target(base, f)), f.nevts)
         return
-    pool.submit(_warm_up)  # start the fork server and the workers ...
-    compiled = skim(qastle, tree)
-    with contextlib.suppress(Exception):  # ... while the first file's layout is traced here, once for all
-        compiled.trace(tasks[0][1].path)  # (a failure is the worker's to report)
-    layouts = compiled.layouts
+    layouts = skim(qastle, tree).layouts
     futures: dict[Future[_Result], _Task] = {
         pool.submit(run_one, qastle, f.path, tree, str(p.target(base, f)), f.nevts, layouts): (name, f, p)
         for name, f, p in tasks
