@@ -5,12 +5,31 @@ made here. They are a toy, but one with the physics the AGC analysis looks at: t
 dileptonically and fully hadronically in the W branching fractions, t -> bW at the right masses (Breit-Wigner
 line shapes), jets from partons with a pT-dependent resolution plus radiation and pile-up jets, CSVv2-like b-tag
 scores by flavour, prompt leptons with ID, isolation and impact parameter and non-prompt/fake leptons from jets;
-single top in the s-, t- and tW-channels; W+jets with mostly light jets. Everything is vectorised numpy: objects
+single top in the s-, t- and tW-channels (with the spectator b of t- and tW-channel); W+jets with mostly light
+jets. Everything is vectorised numpy: objects
 live in flat arrays with an event index and are pT-ordered per event with one ``lexsort``.
 
 Files are TTrees ``Events`` (uproot ``mktree``/``extend``; assigning ``file[name] = ...`` would write an RNTuple
 with uproot >= 5.7) whose branch names and dtypes are those of real 2015 AGC NanoAOD, counters included
 (``nJet`` etc. are ``uint32`` as in NanoAOD, not uproot's default ``int32``).
+
+Calibration: at 3.378 /fb the toy reproduces the real AGC v2 yields per process and region (ttbar 23.4 k in
+4j1b and 52.4 k in 4j2b, W+jets 6.0 k and 2.0 k, ...) within 25 %, with the AGC's landmarks (m_bjj peaking at
+the top mass, HT means near 300 GeV with a tail beyond 550 GeV). The real AGC acceptance (3 % for ttbar) is
+lower than a textbook estimate; the toy puts the difference into the lepton identification efficiency
+(``_RECO_EFF_E``, ``_RECO_EFF_MU``), shared by all processes. ``tests/test_generate.py`` checks the table.
+
+Generator-level filters: each sample holds only events that can reach the one-lepton, >= 4-jet regions, so
+20,000 events per sample put hundreds of simulated events (not a handful of heavy ones) into every region.
+As for real filtered MC, the catalogue's ``xsec`` is the effective cross section sigma x filter efficiency
+and ``nevts`` counts the events in the files; ``generator.json`` beside the catalogue records every filter and
+its efficiency. The filters (see ``_FILTERS``): the W decay modes (drawn from the branching fractions
+conditioned on a leptonic decay, exact), the number of hard radiation partons of W+jets (a geometric
+staircase conditioned on >= 3, exact), and a kinematic part -- an electron or muon with pT > 25 GeV,
+|eta| < 2.3 and >= 4 (s-channel: 3) generator jets with pT > 20 GeV, |eta| < 2.7 -- applied by generating
+until enough events pass, its efficiency being kept / tried. Generating without the filters
+(``filtered=False``) shows that they drop 1-4 % of what the selection keeps (events with fake leptons or a
+jet from pile-up).
 
 Determinism: every chunk of events draws from its own ``numpy`` Generator seeded by (seed, sample name, file
 index, chunk index), so the same seed gives byte-identical arrays, and samples/files are independent.
@@ -29,7 +48,7 @@ GenPart conventions (hard process only, one copy per particle, mothers always be
   down-type quark).
 * Layouts (fixed per process): ttbar ``[p, p, t, tbar, b, W+, W+ d1, W+ d2, bbar, W-, W- d1, W- d2]``;
   s-channel ``[q, qbar', t, bbar, b, W, d1, d2]``; t-channel ``[q, g, t, q', spectator bbar, b, W, d1, d2]``;
-  tW ``[g, b, t, W, b, W(t), d1, d2, W d1, W d2]``; W+jets ``[q, qbar', W, d1, d2]`` (charge conjugated where
+  tW ``[g, b, t, W, b, W(t), d1, d2, W d1, W d2, spectator bbar]``; W+jets ``[q, qbar', W, d1, d2]`` (charge conjugated where
   the event has an antitop or a W-).
 
 Reconstructed jets from a parton keep its direction up to the angular resolution (a few 0.01 in eta/phi), so
@@ -43,6 +62,8 @@ from an NLO generator, ``PS_var`` a different jet response, resolution, b fragme
 
 from __future__ import annotations
 
+import json
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -55,9 +76,12 @@ import uproot
 
 from .catalogue import Catalog, InputFile, Sample, load_catalog, save_catalog
 from .constants import TOP_MASS, TOP_WIDTH, W_MASS, W_WIDTH
-from .utils import atomic_path
+from .utils import atomic_path, atomic_write_text
 
-__all__ = ["DEFAULT_EVENTS_PER_FILE", "DEFAULT_FILES_PER_SAMPLE", "generate", "generate_events"]
+__all__ = [
+    "DEFAULT_EVENTS_PER_FILE", "DEFAULT_FILES_PER_SAMPLE", "FILTER_PT", "KIN_FILTER_ETA", "KIN_FILTER_PT",
+    "REPORT_NAME", "analytic_filter_efficiency", "describe_filter", "generate", "generate_events",
+]
 
 DEFAULT_EVENTS_PER_FILE = 5000
 DEFAULT_FILES_PER_SAMPLE = 1
@@ -90,15 +114,15 @@ _ELE_ISO_WP = np.array([0.0588, 0.0695, 0.0994, 0.175])
 class Tune:
     """Knobs of the toy that the ttbar variations change; one instance per (process, variation)."""
 
-    isr_mean: float = 3.0  # mean number of hard radiation jets (parton pT > 15 GeV) recoiling on the hard system
-    isr_alpha: float = 1.6  # Pareto slope of their pT spectrum
+    isr_mean: float = 2.5  # mean number of radiation partons (pT > 15 GeV) recoiling on the hard system
+    isr_alpha: float = 1.4  # Pareto slope of their pT spectrum
     fsr_prob: float = 0.12  # probability that a hard parton radiates a separate jet
     mtt_shape: float = 1.6  # gamma-distributed excess of m(tt) above threshold: shape ...
     mtt_scale: float = 95.0  # ... and scale (GeV)
     jet_res: float = 1.0  # scale factor on the jet energy resolution
-    light_response: float = 0.99
-    b_response: float = 0.97
-    btag_b: tuple[float, float] = (1.5, 1.0)  # Beta(a, b) of CSVv2 for b jets
+    light_response: float = 1.0
+    b_response: float = 0.99
+    btag_b: tuple[float, float] = (2.6, 1.0)  # Beta(a, b) of CSVv2 for b jets
     neg_weight_frac: float = 0.0
 
 
@@ -111,7 +135,7 @@ _TUNES: dict[tuple[str, str], Tune] = {
     ),
     ("ttbar", "PS_var"): replace(
         _NOMINAL, jet_res=1.15, b_response=_NOMINAL.b_response - 0.015,
-        light_response=_NOMINAL.light_response - 0.01, btag_b=(1.6, 1.1), fsr_prob=1.25 * _NOMINAL.fsr_prob
+        light_response=_NOMINAL.light_response - 0.01, btag_b=(2.7, 1.1), fsr_prob=1.25 * _NOMINAL.fsr_prob
     ),
     ("single_top_s_chan", "nominal"): replace(_NOMINAL, neg_weight_frac=0.19),
 }
@@ -205,13 +229,67 @@ class _Truth:
     taujets: list[tuple[np.ndarray, ...]] = field(default_factory=list)  # (evt, pt, eta, phi)
     inv_px: np.ndarray = field(init=False)
     inv_py: np.ndarray = field(init=False)
+    n_hard_radiation: np.ndarray = field(init=False)  # radiation partons above FILTER_PT, per event
 
     def __post_init__(self) -> None:
         self.inv_px = np.zeros(self.n)
         self.inv_py = np.zeros(self.n)
+        self.n_hard_radiation = np.zeros(self.n, np.int64)
 
     def _full(self, x: Any, dtype: Any) -> np.ndarray:
         return np.broadcast_to(np.asarray(x, dtype=dtype), (self.n,))
+
+    def take(self, keep: np.ndarray) -> _Truth:
+        """The events ``keep`` (increasing indices) of this record, renumbered from 0."""
+        index = np.full(self.n, -1, np.int64)
+        index[keep] = np.arange(len(keep))
+        out = _Truth(len(keep))
+        out.gen_cols = [tuple(c[keep] for c in cols) for cols in self.gen_cols]
+        for name in ("partons", "leptons", "taujets"):
+            entries = []
+            for evt, *rest in getattr(self, name):
+                new = index[evt]
+                sel = new >= 0
+                entries.append((new[sel], *(x[sel] for x in rest)))
+            setattr(out, name, entries)
+        out.inv_px, out.inv_py = self.inv_px[keep], self.inv_py[keep]
+        out.n_hard_radiation = self.n_hard_radiation[keep]
+        return out
+
+    @staticmethod
+    def concat(parts: Sequence[_Truth]) -> _Truth:
+        """One record of all events of ``parts`` (made by the same process code, so with the same layout)."""
+        if len(parts) == 1:
+            return parts[0]
+        out = _Truth(sum(t.n for t in parts))
+        offsets = np.cumsum([0] + [t.n for t in parts[:-1]])
+        out.gen_cols = [tuple(np.concatenate(cs) for cs in zip(*slots, strict=True))
+                        for slots in zip(*(t.gen_cols for t in parts), strict=True)]
+        for name in ("partons", "leptons", "taujets"):
+            merged = []
+            for entries in zip(*(getattr(t, name) for t in parts), strict=True):
+                evt = np.concatenate([e[0] + off for e, off in zip(entries, offsets, strict=True)])
+                merged.append((evt, *(np.concatenate(cs) for cs in zip(*(e[1:] for e in entries), strict=True))))
+            setattr(out, name, merged)
+        out.inv_px = np.concatenate([t.inv_px for t in parts])
+        out.inv_py = np.concatenate([t.inv_py for t in parts])
+        out.n_hard_radiation = np.concatenate([t.n_hard_radiation for t in parts])
+        return out
+
+    def count_jets(self, pt_min: float, abs_eta_max: float) -> np.ndarray:
+        """Generator-level jets per event within pT and |eta| limits: partons (hard process, W daughters,
+        radiation, FSR) and the visible part of hadronic taus."""
+        evt = np.concatenate([_cat(self.partons, 0, np.int64), _cat(self.taujets, 0, np.int64)])
+        pt = np.concatenate([_cat(self.partons, 1), _cat(self.taujets, 1)])
+        eta = np.concatenate([_cat(self.partons, 2), _cat(self.taujets, 2)])
+        ok = (pt > pt_min) & (np.abs(eta) < abs_eta_max)
+        return np.bincount(evt[ok], minlength=self.n)
+
+    def count_leptons(self, pt_min: float, abs_eta_max: float) -> np.ndarray:
+        """Generator-level electrons and muons (from W, or from W -> tau) per event within pT and |eta| limits."""
+        evt = _cat(self.leptons, 0, np.int64)
+        ok = (_cat(self.leptons, 1) > pt_min) & (np.abs(_cat(self.leptons, 2)) < abs_eta_max)
+        return np.bincount(evt[ok], minlength=self.n)
 
     def add_gen(self, p: np.ndarray, pdg: Any, mother: int, status: Any, flags: int, mass: Any = None) -> int:
         """Append one GenPart slot (one particle per event); returns its row index."""
@@ -255,14 +333,95 @@ class _Truth:
         return i1, i2
 
 
-def _radiation(truth: _Truth, rng: np.random.Generator, counts: np.ndarray, alpha: float,
-               flavour_p: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Radiation partons (pT > 15 GeV, Pareto spectrum) added as jet sources; returns their summed px, py."""
+@dataclass(frozen=True)
+class Radiation:
+    """Extra partons (initial/final-state radiation, the Berends staircase of W+jets) recoiling on the hard system.
+
+    Partons have pT > 15 GeV (a Pareto spectrum of slope ``alpha``). Those above :data:`FILTER_PT` are *hard*:
+    they make the jets that lift an event into the >= 4-jet regions, and the generator-level filters count
+    them. Their number is Poisson (mean ``mean`` times the Pareto tail above :data:`FILTER_PT`) or, with
+    ``staircase``, geometric (each extra hard parton costs a factor ``staircase``, as W+n-jet cross sections
+    do); the softer ones are Poisson. Hard and soft counts are independent, so conditioning on ``min_hard``
+    hard partons is exactly the unfiltered model restricted to the events that pass, with a known efficiency.
+    """
+
+    mean: float  # mean number of partons above 15 GeV (Poisson model) ...
+    alpha: float
+    staircase: float | None = None  # ... or: P(n_hard >= k) = staircase**k, plus ``mean`` soft partons
+    min_hard: int = 0  # the generator-level filter: at least this many hard partons
+    eta_sigma: float = 1.9  # Gaussian spread of their pseudorapidity
+
+    @property
+    def hard_fraction(self) -> float:
+        """Probability that a parton above 15 GeV is above :data:`FILTER_PT` (the Pareto tail)."""
+        return float((_RADIATION_PT_MIN / FILTER_PT) ** self.alpha)
+
+    def _soft_mean(self) -> float:
+        return self.mean if self.staircase is not None else self.mean * (1.0 - self.hard_fraction)
+
+    def _hard_mean(self) -> float:
+        return self.mean * self.hard_fraction
+
+    def efficiency(self) -> float:
+        """Fraction of unfiltered events with at least ``min_hard`` hard partons."""
+        if self.min_hard <= 0:
+            return 1.0
+        if self.staircase is not None:
+            return float(self.staircase**self.min_hard)
+        return float(1.0 - _poisson_cdf(self._hard_mean(), self.min_hard - 1))
+
+    def counts(self, rng: np.random.Generator, n: int, filtered: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(hard, soft) parton counts per event; with ``filtered``, hard counts are drawn given >= ``min_hard``."""
+        k = self.min_hard if filtered else 0
+        if self.staircase is not None:
+            hard = k + rng.geometric(1.0 - self.staircase, n) - 1
+        else:
+            hard = _poisson_at_least(rng, self._hard_mean(), n, k)
+        return hard, rng.poisson(self._soft_mean(), n)
+
+
+#: Radiation partons above this pT are "hard" (and counted by the generator-level filters), GeV.
+FILTER_PT = 30.0
+_RADIATION_PT_MIN = 15.0
+_RADIATION_PT_MAX = 800.0
+
+
+def _poisson_cdf(mean: float, k: int) -> float:
+    """P(X <= k) for X ~ Poisson(mean)."""
+    term = total = math.exp(-mean)
+    for j in range(1, k + 1):
+        term *= mean / j
+        total += term
+    return total
+
+
+def _poisson_at_least(rng: np.random.Generator, mean: float, n: int, k: int) -> np.ndarray:
+    """Poisson(mean) counts conditioned on >= k, by inverting the CDF on [F(k - 1), 1)."""
+    if k <= 0:
+        return rng.poisson(mean, n)
+    top = int(mean + 12.0 * math.sqrt(mean) + 20 + k)
+    cdf = np.array([_poisson_cdf(mean, j) for j in range(top)])
+    u = rng.uniform(cdf[k - 1], 1.0, n)
+    return np.minimum(np.searchsorted(cdf, u, side="right"), top).astype(np.int64)
+
+
+def _radiation(truth: _Truth, rng: np.random.Generator, model: Radiation, flavour_p: Sequence[float],
+               filtered: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Radiation partons added as jet sources; returns their summed px, py (the hard system recoils)."""
     n = truth.n
-    evt = np.repeat(np.arange(n), counts)
+    hard, soft = model.counts(rng, n, filtered)
+    truth.n_hard_radiation = hard
+    evt = np.concatenate([np.repeat(np.arange(n), hard), np.repeat(np.arange(n), soft)])
+    is_hard = np.repeat([True, False], [int(hard.sum()), int(soft.sum())])
     m = len(evt)
-    pt = np.minimum(15.0 * (1.0 - rng.random(m)) ** (-1.0 / alpha), 800.0)
-    eta = rng.normal(0.0, 1.9, m)
+    # Pareto by inversion: u in [0, 1 - q) gives 15 GeV <= pT < FILTER_PT, u in [1 - q, 1) the hard tail
+    q = model.hard_fraction
+    u = np.where(is_hard, 1.0 - q * rng.random(m), (1.0 - q) * rng.random(m))
+    pt = np.minimum(_RADIATION_PT_MIN * (1.0 - u) ** (-1.0 / model.alpha), _RADIATION_PT_MAX)
+    pt = np.where(is_hard, np.maximum(pt, FILTER_PT), np.minimum(pt, FILTER_PT))
+    order = np.argsort(evt, kind="stable")
+    evt, pt = evt[order], pt[order]
+    eta = rng.normal(0.0, model.eta_sigma, m)
     phi = rng.uniform(-np.pi, np.pi, m)
     # flavour: gluon, light quark, c, b (from g -> cc, bb)
     kind = rng.choice(4, m, p=np.asarray(flavour_p))
@@ -275,7 +434,7 @@ def _radiation(truth: _Truth, rng: np.random.Generator, counts: np.ndarray, alph
 
 
 _ISR_FLAVOURS = (0.72, 0.235, 0.03, 0.015)
-_WJETS_FLAVOURS = (0.55, 0.385, 0.05, 0.015)
+_WJETS_FLAVOURS = (0.5, 0.37, 0.08, 0.05)
 
 
 def _decay_w(truth: _Truth, rng: np.random.Generator, iw: int, w: np.ndarray, sign: np.ndarray,
@@ -329,45 +488,212 @@ def _w_modes(rng: np.random.Generator, n: int, leptonic: bool) -> np.ndarray:
     return rng.choice(5, n, p=_W_BR_LEPTONIC if leptonic else _W_BR_INCLUSIVE)
 
 
+#: BR(W -> l nu) summed over e, mu, tau: the efficiency of a one-W lepton filter.
+_W_BR_L = float(_W_BR_INCLUSIVE[:3].sum())
+#: Efficiency of a two-W lepton filter (at least one of the two W decays to l nu).
+_TWO_W_LEPTON_EFF = 1.0 - (1.0 - _W_BR_L) ** 2
+
+
+def _w_mode_pair(rng: np.random.Generator, n: int, filtered: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Decay modes of two W bosons, inclusive; with ``filtered`` drawn given that at least one is leptonic."""
+    joint = np.outer(_W_BR_INCLUSIVE, _W_BR_INCLUSIVE)
+    if filtered:
+        joint[3:, 3:] = 0.0
+    flat = rng.choice(joint.size, n, p=(joint / joint.sum()).ravel())
+    return flat // 5, flat % 5
+
+
 # --- hard processes -----------------------------------------------------------------------------------------------
+#
+# Generator-level filters make the samples efficient: like real filtered MC, a sample only contains events that
+# pass, and its catalogue cross section is sigma x filter efficiency (:func:`analytic_filter_efficiency` times the kinematic part), so the weight
+# xsec x lumi / nevts stays right. The filters act on quantities drawn from known distributions (W decay modes,
+# the number of hard radiation partons), so each efficiency is exact; they drop only events that the >= 4-jet,
+# one-lepton selection (almost) never keeps.
+
+#: Radiation models (mean, Pareto slope, staircase, filter) per process; ttbar's mean and slope come from the tune.
+_RADIATION: dict[str, Radiation] = {
+    "single_top_s_chan": Radiation(mean=0.6, alpha=1.6),
+    "single_top_t_chan": Radiation(mean=0.6, alpha=1.6),
+    "single_top_tW": Radiation(mean=1.3, alpha=1.6),
+    "wjets": Radiation(mean=1.5, alpha=1.4, staircase=0.23, min_hard=3, eta_sigma=1.4),
+}
+#: The kinematic filter counts generator-level jets (partons, hadronic taus) above this pT (GeV) ...
+KIN_FILTER_PT = 20.0
+#: ... and below this |eta|: looser than the jets the analysis selects (pT > 30 GeV, |eta| < 2.4);
+KIN_FILTER_ETA = 2.7
+#: leptons (e, mu, also from tau decays) count above this pT (GeV) and below this |eta| (analysis: 30, 2.1).
+KIN_FILTER_LEPTON = (25.0, 2.3)
 
 
-def _ttbar(truth: _Truth, rng: np.random.Generator, tune: Tune) -> None:
+@dataclass(frozen=True)
+class Filter:
+    """A sample's generator-level filter.
+
+    ``lepton_ws``: 1 keeps the events whose one W decays to l nu (e, mu, tau), 2 those where at least one of the
+    two W does; drawn directly from the conditioned branching fractions (exact efficiency). The kinematic
+    part: at least ``min_jets`` generator-level jets (see :data:`KIN_FILTER_PT`) and, with ``lepton``, one
+    electron or muon in the acceptance of :data:`KIN_FILTER_LEPTON`. Events are generated and tested until
+    enough pass; that efficiency is the number kept over the number tried. ``batch_efficiency`` only sizes
+    the batches of trials.
+    """
+
+    lepton_ws: int = 0
+    min_jets: int = 0
+    lepton: bool = False
+    batch_efficiency: float = 1.0
+
+    @property
+    def kinematic(self) -> bool:
+        return self.min_jets > 0 or self.lepton
+
+    def passes(self, truth: _Truth) -> np.ndarray:
+        """Which events of ``truth`` pass the kinematic part."""
+        ok = truth.count_jets(KIN_FILTER_PT, KIN_FILTER_ETA) >= self.min_jets
+        if self.lepton:
+            ok &= truth.count_leptons(*KIN_FILTER_LEPTON) >= 1
+        return ok
+
+    def describe(self, radiation: Radiation) -> str:
+        parts = {1: ["W -> l nu"], 2: [">= 1 W -> l nu"]}.get(self.lepton_ws, [])
+        if radiation.min_hard:
+            parts.append(f">= {radiation.min_hard} radiation partons with pT > {FILTER_PT:g} GeV")
+        if self.lepton:
+            parts.append(f"an e or mu with pT > {KIN_FILTER_LEPTON[0]:g} GeV, |eta| < {KIN_FILTER_LEPTON[1]:g}")
+        if self.min_jets:
+            parts.append(f">= {self.min_jets} generator jets with pT > {KIN_FILTER_PT:g} GeV, "
+                         f"|eta| < {KIN_FILTER_ETA:g}")
+        return "; ".join(parts) or "none"
+
+
+_FILTERS: dict[str, Filter] = {
+    "ttbar": Filter(lepton_ws=2, min_jets=4, lepton=True, batch_efficiency=0.38),
+    "single_top_s_chan": Filter(min_jets=3, lepton=True, batch_efficiency=0.2),
+    "single_top_t_chan": Filter(lepton_ws=1, min_jets=4, lepton=True, batch_efficiency=0.09),
+    "single_top_tW": Filter(lepton_ws=2, min_jets=4, lepton=True, batch_efficiency=0.32),
+    "wjets": Filter(min_jets=4, lepton=True, batch_efficiency=0.26),
+}
+
+
+def _radiation_model(process: str, tune: Tune) -> Radiation:
+    if process == "ttbar":
+        return Radiation(mean=tune.isr_mean, alpha=tune.isr_alpha)
+    return _RADIATION[process]
+
+
+def analytic_filter_efficiency(process: str, variation: str = "nominal") -> float:
+    """The exactly known part of a sample's filter efficiency: lepton decay modes and radiation counts."""
+    if process not in _PROCESSES:
+        raise ValueError(f"no generator for process '{process}' (known: {', '.join(_PROCESSES)})")
+    lepton = {1: _W_BR_L, 2: _TWO_W_LEPTON_EFF}.get(_FILTERS[process].lepton_ws, 1.0)
+    return lepton * _radiation_model(process, tune_for(process, variation)).efficiency()
+
+
+def describe_filter(process: str, variation: str = "nominal") -> str:
+    """The generator-level filter of a sample in words."""
+    return _FILTERS[process].describe(_radiation_model(process, tune_for(process, variation)))
+
+
+def _final_state_radiation(truth: _Truth, rng: np.random.Generator, fsr_prob: float) -> None:
+    """Hard-process partons radiate a separate gluon jet with probability ``fsr_prob`` (part of the truth, so
+    that the kinematic filter sees the jets it makes)."""
+    evt = _cat(truth.partons, 0, np.int64)
+    pt = _cat(truth.partons, 1)
+    eta = _cat(truth.partons, 2)
+    phi = _cat(truth.partons, 3)
+    pdg = _cat(truth.partons, 4, np.int32)
+    hard = _cat(truth.partons, 5, bool)
+    m = len(evt)
+    split = hard & (rng.random(m) < fsr_prob)
+    z = np.where(split, rng.uniform(0.55, 0.9, m), 1.0)
+    dr, alpha = rng.uniform(0.5, 1.3, m), rng.uniform(-np.pi, np.pi, m)
+    k = int(split.sum())
+    truth.partons = [
+        (evt, pt * z, eta, phi, pdg, hard),
+        (evt[split], (pt * (1.0 - z))[split], (eta + dr * np.cos(alpha))[split],
+         _delta_phi(phi + dr * np.sin(alpha))[split], np.full(k, 21, np.int32), np.zeros(k, bool)),
+    ]
+
+
+def _generate_truth(process: str, tune: Tune, n: int, rng: np.random.Generator,
+                    filtered: bool) -> tuple[_Truth, int]:
+    """Truth records of ``n`` events passing the sample's filter, and how many were tried for them.
+
+    The analytic parts of the filter are built into the draws; the kinematic part is applied to batches of
+    trials until ``n`` events pass (trials after the n-th passing event are not counted).
+    """
+    spec = _FILTERS[process]
+    make = _PROCESSES[process]
+    if not filtered or not spec.kinematic:
+        truth = _Truth(n)
+        make(truth, rng, tune, filtered)
+        _final_state_radiation(truth, rng, tune.fsr_prob)
+        return truth, n
+    parts: list[_Truth] = []
+    have = tried = 0
+    while have < n:
+        need = n - have
+        size = max(int(need / spec.batch_efficiency * 1.2) + 16, 256)
+        batch = _Truth(size)
+        make(batch, rng, tune, True)
+        _final_state_radiation(batch, rng, tune.fsr_prob)
+        passed = np.flatnonzero(spec.passes(batch))
+        if len(passed) >= need:
+            passed = passed[:need]
+            tried += int(passed[-1]) + 1
+        else:
+            tried += size
+        parts.append(batch.take(passed))
+        have += len(passed)
+    return _Truth.concat(parts), tried
+
+
+_TTBAR_Y_SIGMA = 1.6  # rapidity spread of the top pair
+
+
+def _ttbar(truth: _Truth, rng: np.random.Generator, tune: Tune, filtered: bool) -> None:
     n = truth.n
-    px, py = _radiation(truth, rng, rng.poisson(tune.isr_mean, n), tune.isr_alpha, _ISR_FLAVOURS)
+    px, py = _radiation(truth, rng, _radiation_model("ttbar", tune), _ISR_FLAVOURS, filtered)
     m1, m2 = _top_masses(rng, n), _top_masses(rng, n)
-    system = _system(m1 + m2 + rng.gamma(tune.mtt_shape, tune.mtt_scale, n), -px, -py, rng.normal(0, 1.1, n))
+    system = _system(m1 + m2 + rng.gamma(tune.mtt_shape, tune.mtt_scale, n), -px, -py,
+                     rng.normal(0, _TTBAR_Y_SIGMA, n))
     qq = rng.random(n) < 0.1  # ~10 % q qbar -> tt at 13 TeV, the rest gg
     i1, _ = truth.hard_system(np.where(qq, 2, 21), np.where(qq, -2, 21), system)
     top, antitop = _decay2(system, m1, m2, rng)
     plus, minus = np.ones(n, np.int32), -np.ones(n, np.int32)
     it = truth.add_gen(top, 6, i1, 62, _FLAGS_LAST_COPY)
     itb = truth.add_gen(antitop, -6, i1, 62, _FLAGS_LAST_COPY)
-    _decay_top(truth, rng, it, top, plus, _w_modes(rng, n, leptonic=False))
-    _decay_top(truth, rng, itb, antitop, minus, _w_modes(rng, n, leptonic=False))
+    modes_t, modes_tbar = _w_mode_pair(rng, n, filtered)
+    _decay_top(truth, rng, it, top, plus, modes_t)
+    _decay_top(truth, rng, itb, antitop, minus, modes_tbar)
 
 
-def _single_top_s(truth: _Truth, rng: np.random.Generator, tune: Tune) -> None:
+def _single_top_s(truth: _Truth, rng: np.random.Generator, tune: Tune, filtered: bool) -> None:
     n = truth.n
     sign = np.where(rng.random(n) < 2.0268 / 3.2944, 1, -1).astype(np.int32)
-    px, py = _radiation(truth, rng, rng.poisson(0.8 * tune.isr_mean, n), tune.isr_alpha, _ISR_FLAVOURS)
+    px, py = _radiation(truth, rng, _RADIATION["single_top_s_chan"], _ISR_FLAVOURS, filtered)
     mt = _top_masses(rng, n)
-    system = _system(mt + _M_B + rng.gamma(2.0, 60.0, n), -px, -py, rng.normal(0, 0.9, n))
+    system = _system(mt + _M_B + rng.gamma(2.0, 90.0, n), -px, -py, rng.normal(0, 0.9, n))
     i1, _ = truth.hard_system(2 * sign, -1 * sign, system)  # u dbar -> W+* -> t bbar
     cos = 2.0 * rng.beta(2.0, 2.0, n) - 1.0
     top, bbar = _decay2(system, mt, _M_B, rng, cos)
     it = truth.add_gen(top, 6 * sign, i1, 62, _FLAGS_LAST_COPY)
     truth.add_gen(bbar, -5 * sign, i1, 23, _FLAGS_INTERMEDIATE, mass=_M_B)
     truth.add_partons(bbar, -5 * sign)
+    # the catalogue's s-channel cross section is for leptonic top decays already
     _decay_top(truth, rng, it, top, sign, _w_modes(rng, n, leptonic=True))
 
 
-def _single_top_t(truth: _Truth, rng: np.random.Generator, tune: Tune) -> None:
+_TCHAN_MASS_SCALE = 120.0  # GeV: scale of the gamma-distributed excess of the t + q mass over the top mass
+_TCHAN_SPECTATOR_PT = (10.0, 28.0)  # GeV: offset and exponential slope of the spectator bbar
+
+
+def _single_top_t(truth: _Truth, rng: np.random.Generator, tune: Tune, filtered: bool) -> None:
     n = truth.n
     sign = np.where(rng.random(n) < 36.993 / (36.993 + 22.175), 1, -1).astype(np.int32)
-    px, py = _radiation(truth, rng, rng.poisson(0.8 * tune.isr_mean, n), tune.isr_alpha, _ISR_FLAVOURS)
+    px, py = _radiation(truth, rng, _RADIATION["single_top_t_chan"], _ISR_FLAVOURS, filtered)
     mt = _top_masses(rng, n)
-    system = _system(mt + rng.gamma(1.8, 70.0, n), -px, -py, rng.normal(0, 1.0, n))
+    system = _system(mt + rng.gamma(1.8, _TCHAN_MASS_SCALE, n), -px, -py, rng.normal(0, 1.0, n))
     i1, i2 = truth.hard_system(2 * sign, 21, system)  # u g -> d t bbar (4 flavour scheme)
     # the recoiling light quark goes forward: the top is emitted close to the beam axis in the rest frame
     cos = np.where(rng.random(n) < 0.5, 1.0, -1.0) * (1.0 - np.minimum(rng.exponential(0.35, n), 2.0))
@@ -375,32 +701,42 @@ def _single_top_t(truth: _Truth, rng: np.random.Generator, tune: Tune) -> None:
     it = truth.add_gen(top, 6 * sign, i1, 62, _FLAGS_LAST_COPY)
     truth.add_gen(quark, 1 * sign, i1, 23, _FLAGS_INTERMEDIATE, mass=0.0)
     truth.add_partons(quark, 1 * sign)
-    spectator = _p4(8.0 + rng.exponential(18.0, n), rng.normal(0.0, 2.2, n), rng.uniform(-np.pi, np.pi, n), _M_B)
+    spectator = _p4(_TCHAN_SPECTATOR_PT[0] + rng.exponential(_TCHAN_SPECTATOR_PT[1], n), rng.normal(0.0, 2.2, n),
+                    rng.uniform(-np.pi, np.pi, n), _M_B)
     truth.add_gen(spectator, -5 * sign, i2, 23, _FLAGS_INTERMEDIATE, mass=_M_B)
     truth.add_partons(spectator, -5 * sign)
-    _decay_top(truth, rng, it, top, sign, _w_modes(rng, n, leptonic=True))
+    # the catalogue's t-channel cross section is for inclusive top decays: the lepton filter keeps W -> l nu
+    _decay_top(truth, rng, it, top, sign, _w_modes(rng, n, leptonic=filtered))
 
 
-def _single_top_tw(truth: _Truth, rng: np.random.Generator, tune: Tune) -> None:
+_TW_SPECTATOR_PT = (10.0, 22.0)  # GeV: offset and exponential slope of the spectator bbar
+
+
+def _single_top_tw(truth: _Truth, rng: np.random.Generator, tune: Tune, filtered: bool) -> None:
     n = truth.n
     sign = np.where(rng.random(n) < 0.5, 1, -1).astype(np.int32)
-    px, py = _radiation(truth, rng, rng.poisson(tune.isr_mean, n), tune.isr_alpha, _ISR_FLAVOURS)
+    px, py = _radiation(truth, rng, _RADIATION["single_top_tW"], _ISR_FLAVOURS, filtered)
     mt = _top_masses(rng, n)
     mw = _breit_wigner(rng, W_MASS, W_WIDTH, n, 50.0, 130.0)
-    system = _system(mt + mw + rng.gamma(1.8, 80.0, n), -px, -py, rng.normal(0, 0.9, n))
-    i1, _ = truth.hard_system(21, 5 * sign, system)  # g b -> t W-
+    system = _system(mt + mw + rng.gamma(1.8, 120.0, n), -px, -py, rng.normal(0, 0.9, n))
+    i1, i2 = truth.hard_system(21, 5 * sign, system)  # g b -> t W-
     top, w = _decay2(system, mt, mw, rng)
     it = truth.add_gen(top, 6 * sign, i1, 62, _FLAGS_LAST_COPY)
     iw = truth.add_gen(w, -24 * sign, i1, 22, _FLAGS_INTERMEDIATE)
-    _decay_top(truth, rng, it, top, sign, _w_modes(rng, n, leptonic=False))
-    _decay_w(truth, rng, iw, w, -sign, _w_modes(rng, n, leptonic=False))
+    modes_top, modes_w = _w_mode_pair(rng, n, filtered)
+    _decay_top(truth, rng, it, top, sign, modes_top)
+    _decay_w(truth, rng, iw, w, -sign, modes_w)
+    # the initial b comes from a gluon splitting: its partner bbar recoils, soft and often forward
+    spectator = _p4(_TW_SPECTATOR_PT[0] + rng.exponential(_TW_SPECTATOR_PT[1], n), rng.normal(0.0, 2.0, n),
+                    rng.uniform(-np.pi, np.pi, n), _M_B)
+    truth.add_gen(spectator, -5 * sign, i2, 23, _FLAGS_INTERMEDIATE, mass=_M_B)
+    truth.add_partons(spectator, -5 * sign)
 
 
-def _wjets(truth: _Truth, rng: np.random.Generator, tune: Tune) -> None:
+def _wjets(truth: _Truth, rng: np.random.Generator, tune: Tune, filtered: bool) -> None:
     n = truth.n
     sign = np.where(rng.random(n) < 0.58, 1, -1).astype(np.int32)
-    counts = rng.geometric(0.36, n) - 1  # Berends-like staircase of extra partons
-    px, py = _radiation(truth, rng, counts, 1.75, _WJETS_FLAVOURS)
+    px, py = _radiation(truth, rng, _RADIATION["wjets"], _WJETS_FLAVOURS, filtered)
     mw = _breit_wigner(rng, W_MASS, W_WIDTH, n, 50.0, 150.0)
     w = _system(mw, -px, -py, rng.normal(0, 1.7, n))
     i1, _ = truth.hard_system(np.where(sign > 0, 2, 1), np.where(sign > 0, -1, -2), w)
@@ -444,6 +780,9 @@ def _choice(rng: np.random.Generator, probs: np.ndarray, m: int) -> np.ndarray:
     return (rng.random(m)[:, None] > cdf[:, :-1]).sum(axis=1)
 
 
+_RECO_EFF_E, _RECO_EFF_MU = 0.45, 0.48  # reconstruction efficiency of prompt leptons
+
+
 def _leptons(truth: _Truth, rng: np.random.Generator, np_parts: dict[str, np.ndarray]) -> dict[str, Any]:
     """Reconstructed electrons and muons: prompt (W, W -> tau) and non-prompt (in jets) with ID, iso, sip3d."""
     n = truth.n
@@ -463,27 +802,27 @@ def _leptons(truth: _Truth, rng: np.random.Generator, np_parts: dict[str, np.nda
     pt_reco = pt * (1.0 + res * rng.standard_normal(m))
     eta_reco = eta + rng.normal(0.0, 0.002, m)
     phi_reco = _delta_phi(phi + rng.normal(0.0, 0.002, m))
-    eff = np.where(prompt, np.where(is_e, 0.92, 0.965), 0.9)
+    eff = np.where(is_e, _RECO_EFF_E, _RECO_EFF_MU) * np.where(prompt, 1.0, 0.95)
     keep = (
         (rng.random(m) < eff)
         & np.where(is_e, (np.abs(eta_reco) < 2.5) & (pt_reco > 5.0), (np.abs(eta_reco) < 2.4) & (pt_reco > 3.0))
     )
     # isolation: prompt leptons mostly isolated, a tail from nearby jets; non-prompt ones sit inside jets
-    iso_prompt = np.where(rng.random(m) < 0.92, rng.exponential(0.02, m), rng.exponential(0.15, m))
-    iso_np = np.where(rng.random(m) < 0.07, rng.exponential(0.05, m), 0.05 + rng.exponential(0.5, m))
+    iso_prompt = np.where(rng.random(m) < 0.85, rng.exponential(0.02, m), rng.exponential(0.15, m))
+    iso_np = np.where(rng.random(m) < 0.01, rng.exponential(0.05, m), 0.1 + rng.exponential(0.5, m))
     iso = np.where(prompt, iso_prompt, iso_np)
     # 3D impact-parameter significance: Rayleigh for prompt tracks, displaced for tau and b/c decays
-    sip_prompt = np.where(rng.random(m) < 0.97, rng.rayleigh(0.9, m), rng.exponential(3.0, m))
+    sip_prompt = np.where(rng.random(m) < 0.93, rng.rayleigh(0.9, m), rng.exponential(3.0, m))
     sip = np.select(
         [kind == 0, kind == 1, kind == 2],
-        [sip_prompt, rng.rayleigh(2.0, m), 0.5 + rng.exponential(4.0, m)],
+        [sip_prompt, rng.rayleigh(2.0, m), 1.0 + rng.exponential(5.0, m)],
         rng.rayleigh(1.5, m) + rng.exponential(1.0, m),
     )
     # electron cut-based ID (0 fail .. 4 tight), capped by the isolation the working points require
-    base = _choice(rng, np.where(prompt[:, None], [[0.02, 0.02, 0.04, 0.08, 0.84]],
+    base = _choice(rng, np.where(prompt[:, None], [[0.04, 0.04, 0.08, 0.18, 0.66]],
                                  [[0.35, 0.2, 0.2, 0.13, 0.12]]), m)
     cut_based = np.minimum(base, 4 - np.searchsorted(_ELE_ISO_WP, iso, side="right")).astype(np.int32)
-    tight_id = rng.random(m) < np.select([prompt, kind == 2], [0.97, 0.75], 0.3)
+    tight_id = rng.random(m) < np.select([prompt, kind == 2], [0.90, 0.75], 0.3)
     charge = np.where(pdg > 0, -1, 1).astype(np.int32)
     out: dict[str, Any] = {}
     for name, sel, mass in (("Electron", keep & is_e, _M_E), ("Muon", keep & ~is_e, _M_MU)):
@@ -513,20 +852,13 @@ def _detector(truth: _Truth, rng: np.random.Generator, tune: Tune) -> dict[str, 
     """Turn the truth record into reconstructed NanoAOD collections."""
     n = truth.n
     npvs = rng.poisson(11.0, n) + 1
-    # hard and radiation partons; some radiate a separate jet (hard FSR)
+    # hard and radiation partons (hard FSR already split off, see _final_state_radiation)
     evt = _cat(truth.partons, 0, np.int64)
     pt = _cat(truth.partons, 1)
     eta = _cat(truth.partons, 2)
     phi = _cat(truth.partons, 3)
     pdg = _cat(truth.partons, 4, np.int32)
-    hard = _cat(truth.partons, 5, bool)
     m = len(evt)
-    split = hard & (rng.random(m) < tune.fsr_prob)
-    z = np.where(split, rng.uniform(0.55, 0.9, m), 1.0)
-    dr, alpha = rng.uniform(0.5, 1.3, m), rng.uniform(-np.pi, np.pi, m)
-    fsr = (evt[split], (pt * (1.0 - z))[split], (eta + dr * np.cos(alpha))[split],
-           _delta_phi(phi + dr * np.sin(alpha))[split])
-    pt = pt * z
     # semileptonic heavy-flavour decays (and fakes from light jets) give non-prompt leptons inside the jet
     apdg = np.abs(pdg)
     hflav = np.select([apdg == 5, apdg == 4], [5, 4], 0)
@@ -549,15 +881,12 @@ def _detector(truth: _Truth, rng: np.random.Generator, tune: Tune) -> dict[str, 
     inv_px = truth.inv_px + np.bincount(evt, weights=nu_pt * np.cos(phi), minlength=n)
     inv_py = truth.inv_py + np.bincount(evt, weights=nu_pt * np.sin(phi), minlength=n)
     pt = pt - nu_pt
-    # jet sources: 0 partons, 1 FSR, 2 hadronic taus, 3 electrons and 4 muons (PF leptons are clustered into
+    # jet sources: 0 partons (FSR included), 2 hadronic taus, 3 electrons and 4 muons (PF leptons are clustered into
     # jets too; those fail the lepton veto of the jet ID), 5 pile-up jets
     n_pu = rng.poisson(0.1 * npvs)
     pu_evt = np.repeat(np.arange(n), n_pu)
     k = len(pu_evt)
-    sources: list[tuple[np.ndarray, ...]] = [
-        (evt, pt, eta, phi, pdg, np.zeros(m, np.int8)),
-        (*fsr, np.full(len(fsr[0]), 21, np.int32), np.ones(len(fsr[0]), np.int8)),
-    ]
+    sources: list[tuple[np.ndarray, ...]] = [(evt, pt, eta, phi, pdg, np.zeros(m, np.int8))]
     tau_evt, tau_pt, tau_eta, tau_phi = (_cat(truth.taujets, i) for i in range(4))
     sources.append((tau_evt.astype(np.int64), tau_pt, tau_eta, tau_phi, np.zeros(len(tau_evt), np.int32),
                     np.full(len(tau_evt), 2, np.int8)))
@@ -567,7 +896,7 @@ def _detector(truth: _Truth, rng: np.random.Generator, tune: Tune) -> dict[str, 
         c = int(sel.sum())
         sources.append((l_evt[sel], l_pt[sel] * rng.uniform(1.0, 1.2, c), l_eta[sel], l_phi[sel],
                         np.zeros(c, np.int32), np.full(c, src, np.int8)))
-    sources.append((pu_evt, 12.0 + rng.exponential(6.0, k), rng.uniform(-4.7, 4.7, k),
+    sources.append((pu_evt, 10.0 + rng.exponential(4.5, k), rng.uniform(-4.7, 4.7, k),
                     rng.uniform(-np.pi, np.pi, k), np.zeros(k, np.int32), np.full(k, 5, np.int8)))
     j_evt = np.concatenate([s[0] for s in sources]).astype(np.int64)
     j_pt = np.maximum(np.concatenate([s[1] for s in sources]), 0.1)
@@ -598,8 +927,8 @@ def _detector(truth: _Truth, rng: np.random.Generator, tune: Tune) -> dict[str, 
     # CSVv2: -10 without enough tracks (always outside the tracker), Beta shapes by hadron flavour
     btag = np.select(
         [j_hflav == 5, j_hflav == 4, (j_src == 3) | (j_src == 4)],
-        [rng.beta(*tune.btag_b, nj), rng.beta(1.4, 1.9, nj), rng.beta(1.0, 8.0, nj)],
-        rng.beta(1.15, 4.3, nj),
+        [rng.beta(*tune.btag_b, nj), rng.beta(1.5, 1.8, nj), rng.beta(1.0, 8.0, nj)],
+        rng.beta(1.3, 3.6, nj),
     )
     no_tracks = np.abs(j_eta_reco) >= 2.4
     no_tracks |= rng.random(nj) < np.select([j_hflav == 5, j_src == 5], [0.03, 0.45], 0.12)
@@ -659,17 +988,25 @@ def _rng(seed: int, sample: str, file_index: int, chunk: int) -> np.random.Gener
 
 
 def generate_events(
-    process: str, variation: str, n: int, rng: np.random.Generator, first_event: int = 1
+    process: str, variation: str, n: int, rng: np.random.Generator, first_event: int = 1, *,
+    filtered: bool = True,
 ) -> dict[str, Any]:
     """Generate ``n`` events of one sample as NanoAOD branches (collections as awkward records, e.g. ``Jet``).
 
-    ``event`` numbers run from ``first_event``; the dict is ready for ``WritableTree.extend``.
+    ``event`` numbers run from ``first_event``; the dict is ready for ``WritableTree.extend``. ``filtered``
+    (default) generates only events that pass the sample's generator-level filter (:data:`_FILTERS`);
+    ``filtered=False`` the unfiltered process, to check what the filter removes.
     """
+    return _generate_chunk(process, variation, n, rng, first_event, filtered)[0]
+
+
+def _generate_chunk(process: str, variation: str, n: int, rng: np.random.Generator, first_event: int,
+                    filtered: bool) -> tuple[dict[str, Any], int]:
+    """:func:`generate_events` plus the number of events tried for the ``n`` that passed the filter."""
     if process not in _PROCESSES:
         raise ValueError(f"no generator for process '{process}' (known: {', '.join(_PROCESSES)})")
     tune = tune_for(process, variation)
-    truth = _Truth(n)
-    _PROCESSES[process](truth, rng, tune)
+    truth, tried = _generate_truth(process, tune, n, rng, filtered)
     reco = _detector(truth, rng, tune)
     gen = [np.stack(c, axis=1) for c in zip(*truth.gen_cols, strict=True)] if truth.gen_cols else []
     k = len(truth.gen_cols)
@@ -694,7 +1031,7 @@ def generate_events(
         "genWeight": weight,
         "Jet": reco.pop("Jet"),
         **reco,
-    }
+    }, tried
 
 
 def _new_events_tree(file: Any, data: dict[str, Any]) -> Any:
@@ -717,20 +1054,25 @@ def _new_events_tree(file: Any, data: dict[str, Any]) -> Any:
     return tree
 
 
-def _write_file(path: Path, process: str, variation: str, seed: int, file_index: int, n_events: int) -> None:
-    """Write one NanoAOD file of ``n_events`` events (in chunks), atomically."""
+def _write_file(path: Path, process: str, variation: str, seed: int, file_index: int, n_events: int) -> int:
+    """Write one NanoAOD file of ``n_events`` events (in chunks), atomically; return the events tried."""
     name = f"{process}__{variation}"
+    tried = 0
     with atomic_path(path) as tmp, uproot.recreate(tmp) as f:
         tree = None
         for chunk, start in enumerate(range(0, n_events, CHUNK_SIZE)):
             size = min(CHUNK_SIZE, n_events - start)
-            data = generate_events(
-                process, variation, size, _rng(seed, name, file_index, chunk),
-                first_event=file_index * n_events + start + 1,
-            )
+            data, n_tried = _generate_chunk(process, variation, size, _rng(seed, name, file_index, chunk),
+                                            file_index * n_events + start + 1, True)
+            tried += n_tried
             if tree is None:
                 tree = _new_events_tree(f, data)
             tree.extend(data)
+    return tried
+
+
+#: Written beside ``ntuples.json``: how each sample was generated and what its filter kept.
+REPORT_NAME = "generator.json"
 
 
 def generate(
@@ -759,17 +1101,30 @@ def generate(
     outdir.mkdir(parents=True, exist_ok=True)
     jobs = [(s, k) for s in template for k in range(files_per_sample)]
 
+    report: dict[str, dict[str, Any]] = {}
+
     def run(advance: Any = None) -> list[Sample]:
         out = []
         for s in template:
             files = []
+            tried = 0
             for k in range(files_per_sample):
                 path = outdir / f"{s.name}__{k:03d}.root"
-                _write_file(path, s.process, s.variation, seed, k, events_per_file)
+                tried += _write_file(path, s.process, s.variation, seed, k, events_per_file)
                 files.append(InputFile(str(path), events_per_file))
                 if advance is not None:
                     advance()
-            out.append(Sample(s.process, s.variation, tuple(files), s.xsec, events_per_file * files_per_sample))
+            kept = events_per_file * files_per_sample
+            analytic = analytic_filter_efficiency(s.process, s.variation)
+            efficiency = analytic * kept / tried
+            # a filtered sample is normalised like real filtered MC: effective cross section sigma x efficiency
+            out.append(Sample(s.process, s.variation, tuple(files), s.xsec * efficiency, kept))
+            report[s.name] = {
+                "filter": describe_filter(s.process, s.variation), "cross_section_pb": s.xsec,
+                "filter_efficiency": efficiency, "analytic_efficiency": analytic,
+                "kinematic_efficiency": kept / tried, "events_tried": tried, "events_kept": kept,
+                "effective_xsec_pb": s.xsec * efficiency,
+            }
         return out
 
     if progress:
@@ -783,4 +1138,6 @@ def generate(
     catalog_path = outdir / "ntuples.json"
     catalog = Catalog(tuple(new_samples), str(catalog_path))
     save_catalog(catalog, catalog_path)
+    atomic_write_text(outdir / REPORT_NAME, json.dumps({"seed": seed, "events_per_file": events_per_file,
+                                                         "samples": report}, indent=2) + "\n")
     return catalog
