@@ -1,4 +1,9 @@
-"""The crossed pair of jet–parton assignment BDTs and the choice of the best permutation per event."""
+"""The crossed pair of jet–parton assignment BDTs and the choice of the best permutation per event.
+
+The choice is exact branch and bound over the trees (:mod:`._argmax`) for models it can reproduce, else the
+full evaluation through ``inplace_predict``; both give the same row (the first of the largest float32
+probabilities). ``BDTModels.argmax_path`` says which one a pair of models takes.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,20 @@ import xgboost as xgb
 from numpy.typing import NDArray
 
 from ..errors import AgcSxError
+from ._argmax import Trees, parse_booster, pruned_argmax
 from ._features import N_FEATURES, FlatEvents
 
 MODEL_EVEN: Final = "model_even.json"
 MODEL_ODD: Final = "model_odd.json"
 #: Events per feature block: bounds memory (at most 180 rows x 20 float32 per event) whatever the chunk size.
 BLOCK_EVENTS: Final = 16384
+#: ``BDTModels.argmax``: "auto" prunes whenever the models allow it, "full" always evaluates every tree.
+ARGMAX_MODES: Final = ("auto", "full")
+PRUNED: Final = "pruned"
+
+# argmax path of every model directory loaded in this process (see bdt_argmax_summary)
+_PATHS: dict[str, str] = {}
+_PATHS_LOCK = threading.Lock()
 
 
 class ModelError(AgcSxError, ValueError):
@@ -31,8 +44,14 @@ class BDTModels:
     even: xgb.Booster
     odd: xgb.Booster
     source: str = "<memory>"
+    argmax: str = "auto"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _nthread: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+    _trees: dict[int, Trees | str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.argmax not in ARGMAX_MODES:
+            raise ValueError(f"argmax must be one of {', '.join(ARGMAX_MODES)}, got {self.argmax!r}")
 
     @classmethod
     def load(cls, directory: Path) -> BDTModels:
@@ -51,14 +70,53 @@ class BDTModels:
             if booster.num_features() != N_FEATURES:
                 raise ModelError(f"BDT model {path} takes {booster.num_features()} features, not {N_FEATURES}")
             boosters.append(booster)
-        return cls(boosters[0], boosters[1], str(directory))
+        models = cls(boosters[0], boosters[1], str(directory))
+        with _PATHS_LOCK:
+            _PATHS[models.source] = models.argmax_path
+        return models
 
     def __getstate__(self) -> dict[str, Any]:
-        # Boosters pickle through xgboost's own raw format; locks do not pickle at all.
-        return {"even": self.even, "odd": self.odd, "source": self.source}
+        # Boosters pickle through xgboost's own raw format; locks do not pickle at all, and the parsed trees
+        # are rebuilt where they are used.
+        return {"even": self.even, "odd": self.odd, "source": self.source, "argmax": self.argmax}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["even"], state["odd"], state["source"])  # type: ignore[misc]
+        self.__init__(state["even"], state["odd"], state["source"], state.get("argmax", "auto"))  # type: ignore[misc]
+
+    def trees_for(self, booster: xgb.Booster) -> Trees | str:
+        """The parsed trees of ``booster`` for the pruned argmax, or why it must be evaluated in full."""
+        key = id(booster)
+        with self._lock:
+            if key not in self._trees:
+                try:
+                    self._trees[key] = parse_booster(booster)
+                except Exception as err:  # the full evaluation is always there to fall back on
+                    self._trees[key] = f"cannot parse the model: {type(err).__name__}: {err}"[:200]
+            return self._trees[key]
+
+    @property
+    def argmax_path(self) -> str:
+        """``"pruned"`` when both models take the exact branch and bound, else ``"full (<why>)"``."""
+        if self.argmax == "full":
+            return "full (requested)"
+        reasons = []
+        for name, booster in ((MODEL_EVEN, self.even), (MODEL_ODD, self.odd)):
+            trees = self.trees_for(booster)
+            if isinstance(trees, str):
+                reasons.append(f"{name}: {trees}")
+        return f"full ({'; '.join(reasons)})" if reasons else PRUNED
+
+    def choose(self, booster: xgb.Booster, features: NDArray[Any], counts: NDArray[np.int64],
+               nthread: int = 1) -> NDArray[np.int64]:
+        """Row of the best permutation of each event (consecutive ``counts`` rows), first on ties.
+
+        Exactly the row of the largest ``inplace_predict`` probability; pruned when the model allows it.
+        """
+        trees = self.trees_for(booster) if self.argmax == "auto" else "full (requested)"
+        if isinstance(trees, str) or len(features) == 0:
+            return segment_argmax(self.predict(booster, features, nthread), counts)
+        return pruned_argmax(trees, features, counts,
+                             lambda rows: self.predict(booster, features[rows], nthread)).rows
 
     def booster_for(self, even_events: bool) -> xgb.Booster:
         """The model that scores events of the given parity (crossed: even events -> model_odd)."""
@@ -120,6 +178,21 @@ def best_permutation_features(
         for lo in range(0, len(selected), BLOCK_EVENTS):
             block = selected[lo : lo + BLOCK_EVENTS]
             features, counts = flat.features(block)
-            scores = models.predict(booster, features, nthread)
-            out[block] = features[segment_argmax(scores, counts)]
+            out[block] = features[models.choose(booster, features, counts, nthread)]
     return out
+
+
+def bdt_argmax_summary() -> str | None:
+    """Which argmax path the BDT models loaded in this process take, for ``metrics.json``.
+
+    The path depends only on the model files, so the driver, which checks the models before processing,
+    knows what its workers do. One models directory (any CLI run): its path, e.g. ``"pruned"``; several
+    with different paths: each with its directory; none loaded: None.
+    """
+    with _PATHS_LOCK:
+        paths = dict(_PATHS)
+    if not paths:
+        return None
+    if len(set(paths.values())) == 1:
+        return next(iter(paths.values()))
+    return "; ".join(f"{source}: {path}" for source, path in paths.items())
