@@ -7,17 +7,22 @@ Runs on generated ttbar events (4j2b selection, nominal jets) with the official 
 - inference: ``xgboost.Booster.inplace_predict`` (1 and 2 threads) and, for comparison, a numba tree walker
   over the same trees (scores must be identical),
 - ``best_permutation_features`` end to end,
+- the BDT choice on one core side by side: full xgboost evaluation (``argmax="full"``) against the exact pruned
+  argmax (``argmax="auto"``): permutations/s, the fraction of (permutation, tree) evaluations it needs, whether
+  the chosen permutations are identical, and the peak memory of each,
 - the AGC way (per-event Python permutation lists, awkward gathers, prediction through a DMatrix as the sklearn
   wrapper's ``predict_proba`` did in the AGC's xgboost; sklearn itself is not installed) on a subset,
 
 and the peak memory (numpy allocations of one ``best_permutation_features`` call, and the process peak RSS).
 
-    /work/venv/bin/python benchmarks/ml.py [--events 100000] [--baseline-events 1500]
+    /work/venv/bin/python benchmarks/ml.py [--events 100000] [--baseline-events 1500] [--choice-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import resource
 import tempfile
@@ -34,11 +39,14 @@ import xgboost as xgb
 from agc_sx.generate import generate
 from agc_sx.ml import (
     BDTModels,
+    FlatEvents,
     best_permutation_features,
     permutation_features,
     permutation_table,
     read_4j2b,
 )
+from agc_sx.ml._argmax import Trees, pruned_argmax
+from agc_sx.ml._models import BLOCK_EVENTS
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = REPO.parent / "shared" / "agc" / "models"
@@ -145,12 +153,71 @@ def interleaved(candidates: dict[str, Any], rounds: int = 5) -> dict[str, float]
     return best
 
 
+def peak_rss_growth_mib(func: Any) -> float:
+    """How far the resident set grows above its level before ``func()`` (Linux: the high-water mark is reset
+    through ``/proc/self/clear_refs``), so that xgboost's and numba's allocations count too; NaN elsewhere."""
+    def status(key: str) -> int:
+        for row in Path("/proc/self/status").read_text().splitlines():
+            if row.startswith(key + ":"):
+                return int(row.split()[1])
+        raise KeyError(key)
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages would otherwise hide the growth
+        Path("/proc/self/clear_refs").write_text("5")
+        before = status("VmRSS")
+    except (OSError, KeyError):
+        return float("nan")
+    func()
+    return (status("VmHWM") - before) / 1024
+
+
+def choice_side_by_side(label: str, ev: Any, model_dir: Path, rounds: int) -> None:
+    """The BDT choice on one core, full xgboost vs pruned, on the parity blocks ``best_permutation_features``
+    scores (feature building excluded: it is the same for both)."""
+    full, pruned = BDTModels.load(model_dir), BDTModels.load(model_dir)
+    full.argmax = "full"
+    flat = FlatEvents(ev.jets, ev.lepton)
+    even = ev.event % 2 == 0
+    blocks = []
+    for parity in (True, False):
+        selected = np.flatnonzero(even == parity)
+        for lo in range(0, len(selected), BLOCK_EVENTS):
+            blocks.append((bool(parity), *flat.features(selected[lo : lo + BLOCK_EVENTS])))
+    n_rows = sum(len(f) for _, f, _ in blocks)
+
+    def run(models: BDTModels) -> list[np.ndarray]:
+        return [models.choose(models.booster_for(p), f, c, nthread=1) for p, f, c in blocks]
+
+    seconds = interleaved({"full": lambda: run(full), "pruned": lambda: run(pruned)}, rounds)
+    same = all(np.array_equal(a, b) for a, b in zip(run(full), run(pruned), strict=True))
+    evaluations = walks = 0
+    for parity, f, c in blocks:
+        booster = pruned.booster_for(parity)
+        trees = pruned.trees_for(booster)
+        assert isinstance(trees, Trees), trees
+        result = pruned_argmax(trees, f, c, lambda rows, b=booster, f=f: pruned.predict(b, f[rows]))
+        evaluations += result.tree_evaluations
+        walks += len(f) * trees.n_trees
+    memory = {name: peak_rss_growth_mib(lambda m=m: run(m)) for name, m in (("full", full), ("pruned", pruned))}
+    n_trees = full.even.num_boosted_rounds()
+    print(f"  BDT choice on one core ({label}, {n_trees} trees, path: {pruned.argmax_path}):")
+    print(f"    {'':<8} {'M permutations/s':>17} {'tree evaluations':>17} {'peak RSS growth':>16}")
+    for name in ("full", "pruned"):
+        fraction = 1.0 if name == "full" else evaluations / walks
+        print(f"    {name:<8} {n_rows / seconds[name] / 1e6:17.3f} {fraction:16.1%} {memory[name]:12.0f} MiB")
+    print(f"    pruned / full: {seconds['full'] / seconds['pruned']:.2f}x the throughput; identical choices: "
+          f"{'yes' if same else 'NO'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000, help="generated ttbar events (before selection)")
     parser.add_argument("--baseline-events", type=int, default=1500, help="4j2b events for the AGC-style baseline")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (best of)")
     parser.add_argument("--seed", type=int, default=99)
+    parser.add_argument("--choice-only", action="store_true", help="only the full-vs-pruned BDT choice")
     args = parser.parse_args()
 
     model_dirs = {"shipped": REPO / "models"}
@@ -171,6 +238,10 @@ def main() -> None:
     t = interleaved({"f": lambda: permutation_features(ev.jets, ev.lepton)}, args.rounds)
     line("features (vectorised, numba)", t["f"])
 
+    for label, model_dir in model_dirs.items():
+        choice_side_by_side(label, ev, model_dir, args.rounds)
+    if args.choice_only:
+        return
     for label, model_dir in model_dirs.items():
         models = BDTModels.load(model_dir)
         trees = flatten_trees(models.even)

@@ -29,7 +29,7 @@ N_EVENTS = 100_000
 N_GENERATED = 8000
 #: Leading jets kept per derived event and how often (12, 60 and 180 permutations).
 JETS_KEPT = (4, 5, 6)
-JETS_KEPT_P = (0.8, 0.13, 0.07)
+JETS_KEPT_P = (0.88, 0.08, 0.04)
 #: Events per feature block, as in production.
 BLOCK = _models.BLOCK_EVENTS
 

@@ -368,16 +368,25 @@ def _bin_rows(xf: np.ndarray, base: int, n: int, n_cols: int, edges: np.ndarray,
 
 @numba.njit(cache=True, nogil=True)
 def _choose_boxes(x: np.ndarray, stride: int, tree_max: np.ndarray, edges: np.ndarray, tables: np.ndarray,
-                  n_box: int) -> tuple[Any, Any]:  # pragma: no cover - compiled
+                  n_box: int, depth: int, top_f: np.ndarray, top_v: np.ndarray, top_d: np.ndarray,
+                  exits: np.ndarray, feature: np.ndarray, value: np.ndarray, left: np.ndarray, right: np.ndarray,
+                  default_left: np.ndarray) -> tuple[Any, Any, Any]:  # pragma: no cover - compiled
     # Per tree, greedily the n_box features whose tables give the smallest bound summed over a sample of the
-    # rows (every stride-th): only speed depends on the choice, never the result.
+    # rows (every stride-th), and how far that bound lies above the tree's leaf on the sample (the gap):
+    # only speed depends on either, never the result.
     n_cols = x.shape[1]
     n_t = tree_max.shape[0]
     rows = x[::stride]
     n = rows.shape[0]
     used = np.ones(n_cols, dtype=np.bool_)
     bins = np.empty((n_cols, n), dtype=np.uint8)
-    _bin_rows(np.ascontiguousarray(rows).ravel(), 0, n, n_cols, edges, used, bins)
+    flat = np.ascontiguousarray(rows).ravel()
+    _bin_rows(flat, 0, n, n_cols, edges, used, bins)
+    lanes = np.arange(n)
+    slots = np.empty(n, dtype=np.int32)
+    deep = np.empty((2, n), dtype=np.int64)
+    leaf = np.empty(n, dtype=np.float32)
+    gap = np.zeros(n_t, dtype=np.float64)
     box_feature = np.zeros((n_t, n_box), dtype=np.int32)
     box_table = np.empty((n_t, n_box, tables.shape[2]), dtype=np.float32)
     cur = np.empty(n, dtype=np.float32)
@@ -399,7 +408,11 @@ def _choose_boxes(x: np.ndarray, stride: int, tree_max: np.ndarray, edges: np.nd
             box_table[t, q] = tables[t, best_j]
             for r in range(n):
                 cur[r] = min(cur[r], tables[t, best_j, bins[best_j, r]])
-    return box_feature, box_table
+        _walk(flat, 0, n_cols, lanes, n, t, depth, top_f, top_v, top_d, exits, feature, value, left, right,
+              default_left, True, slots, deep, leaf)
+        for r in range(n):
+            gap[t] += cur[r] - leaf[r]
+    return box_feature, box_table, gap
 
 
 @dataclass
@@ -432,12 +445,18 @@ def pruned_argmax(
     survivor = np.zeros(len(x), dtype=np.bool_)
     # The probability gap that survives xgboost's float32 sigmoid on both sides, as a factor.
     ratio = (1.0 - SIGMOID_REL_ERROR) / (1.0 + SIGMOID_REL_ERROR)
-    box_feature, box_table = _choose_boxes(x, max(1, len(x) // BOX_SAMPLE), trees.tree_max, trees.box_edges,
-                                           trees.box_tables, max(1, int(box_features)))
+    box_feature, box_table, gap = _choose_boxes(
+        x, max(1, len(x) // BOX_SAMPLE), trees.tree_max, trees.box_edges, trees.box_tables,
+        max(1, int(box_features)), trees.depth, trees.top_feature, trees.top_value, trees.top_default_left,
+        trees.exits, trees.feature, trees.value, trees.left, trees.right, trees.default_left)
+    # The sum is exact whatever the order of the trees, so walk first those whose bound is loosest: each
+    # walk then takes the most off the rows' upper bounds.
+    order = np.argsort(-gap, kind="stable")
     evaluations = _branch_and_bound(
         x, first, counts, trees.feature, trees.value, trees.left, trees.right, trees.default_left,
-        trees.tree_max, trees.depth, trees.top_feature, trees.top_value, trees.top_default_left, trees.exits,
-        trees.box_edges, box_feature, box_table, trees.constant, trees.slack, ratio,
+        trees.tree_max[order], trees.depth, trees.top_feature[order], trees.top_value[order],
+        trees.top_default_left[order], trees.exits[order], trees.box_edges, box_feature[order], box_table[order],
+        trees.constant, trees.slack, ratio,
         MIN_PRUNE_MARGIN, max(1, int(first_trees)), max(1, int(group_rows)), bool(np.isnan(x).any()),
         choice, survivor,
     )
