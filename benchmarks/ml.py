@@ -28,6 +28,7 @@ import resource
 import tempfile
 import time
 import tracemalloc
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ OFFICIAL = REPO.parent / "shared" / "agc" / "models"
 # --- numba tree walker (comparison only) --------------------------------------------------------------------------
 
 
-def flatten_trees(booster: xgb.Booster) -> tuple[np.ndarray, ...]:
+def flatten_trees(booster: xgb.Booster) -> tuple[Any, ...]:
     """All trees as flat node arrays: (root of each tree, split feature or -1, threshold or leaf value, left
     child, default-left flag) and the base margin. XGBoost stores the right child at left + 1."""
     model = json.loads(booster.save_raw("json"))
@@ -173,6 +174,11 @@ def peak_rss_growth_mib(func: Any) -> float:
     return (status("VmHWM") - before) / 1024
 
 
+def rescore(models: BDTModels, booster: xgb.Booster, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """xgboost's probabilities of some rows (the pruned argmax's survivors)."""
+    return models.predict(booster, features[rows])
+
+
 def choice_side_by_side(label: str, ev: Any, model_dir: Path, rounds: int) -> None:
     """The BDT choice on one core, full xgboost vs pruned, on the parity blocks ``best_permutation_features``
     scores (feature building excluded: it is the same for both)."""
@@ -197,7 +203,7 @@ def choice_side_by_side(label: str, ev: Any, model_dir: Path, rounds: int) -> No
         booster = pruned.booster_for(parity)
         trees = pruned.trees_for(booster)
         assert isinstance(trees, Trees), trees
-        result = pruned_argmax(trees, f, c, lambda rows, b=booster, f=f: pruned.predict(b, f[rows]))
+        result = pruned_argmax(trees, f, c, partial(rescore, pruned, booster, f))
         evaluations += result.tree_evaluations
         walks += len(f) * trees.n_trees
     memory = {name: peak_rss_growth_mib(lambda m=m: run(m)) for name, m in (("full", full), ("pruned", pruned))}
@@ -248,9 +254,10 @@ def main() -> None:
         print(f"{label} models ({model_dir}): {models.even.num_boosted_rounds()} trees, {len(trees[1]):,} nodes")
         walked = np.empty(n_perm, dtype=np.float32)
 
-        def walker(nthread: int, trees: tuple[np.ndarray, ...] = trees, walked: np.ndarray = walked) -> None:
+        def walker(nthread: int, trees: tuple[Any, ...] = trees, walked: np.ndarray = walked) -> None:
             numba.set_num_threads(nthread)
-            walk(features, *trees, walked)
+            walk_any: Any = walk  # numba's Dispatcher stub does not type its arguments
+            walk_any(features, *trees, walked)
 
         candidates: dict[str, Any] = {}
         for nthread in (1, 2):
