@@ -269,3 +269,14 @@ def test_argmax_summary(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     assert BDTModels(loaded.even, loaded.odd, argmax="full").argmax_path == "full (requested)"
     with pytest.raises(ValueError, match="argmax must be one of"):
         BDTModels(loaded.even, loaded.odd, argmax="fast")
+
+
+def test_best_permutation_features_identical_to_full_evaluation(official: BDTModels,
+                                                                generated: tuple[ak.Array, ak.Array]) -> None:
+    """What the ML histograms are filled from: the chosen rows' features, bit for bit."""
+    from agc_sx.ml import best_permutation_features
+
+    jets, lepton, number = derive(generated, 3000, seed=8)
+    full = BDTModels(official.even, official.odd, argmax="full")
+    np.testing.assert_array_equal(best_permutation_features(jets, lepton, number, official),
+                                  best_permutation_features(jets, lepton, number, full))
