@@ -1,7 +1,8 @@
 """Throughput of the BDT jet–parton assignment: feature building, inference, and the whole choice per event.
 
-Runs on generated ttbar events (4j2b selection, nominal jets) with the official AGC models when
-``../shared/agc/models`` exists, else the models shipped in ``models/``. Prints permutations/s and events/s of
+Runs on generated ttbar events (4j2b selection, nominal jets) with the official AGC models (when
+``../shared/agc/models`` exists) and the bundled ones (``default_models_dir()``). Prints permutations/s and
+events/s of
 
 - our vectorised feature building (numba kernel over permutation index tables),
 - inference: ``xgboost.Booster.inplace_predict`` (1 and 2 threads) and, for comparison, a numba tree walker
@@ -48,6 +49,7 @@ from agc_sx.ml import (
 )
 from agc_sx.ml._argmax import Trees, pruned_argmax
 from agc_sx.ml._models import BLOCK_EVENTS
+from agc_sx.resources import default_models_dir
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = REPO.parent / "shared" / "agc" / "models"
@@ -226,7 +228,7 @@ def main() -> None:
     parser.add_argument("--choice-only", action="store_true", help="only the full-vs-pruned BDT choice")
     args = parser.parse_args()
 
-    model_dirs = {"shipped": REPO / "models"}
+    model_dirs = {"shipped": default_models_dir()}
     if (OFFICIAL / "model_even.json").is_file():
         model_dirs = {"official AGC": OFFICIAL, **model_dirs}
     with tempfile.TemporaryDirectory() as tmp:
