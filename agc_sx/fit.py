@@ -1,14 +1,32 @@
 """The AGC statistical model: a cabinetry configuration built from ``histograms.root``, and the fit.
 
-The model follows the AGC v2 ``cabinetry_config.yml``: both regions rebinned to 11 bins of 40 GeV, ttbar
-scaled by the free ``ttbar_norm``, and the AGC systematics as HistFactory modifiers. cabinetry reads ROOT
-histograms through a path template, so we first write the rebinned histograms (and nothing else) into the
-output folder and point the generated configuration at that file; the fit then sees exactly the binning the
-plots show.
+The model follows the AGC v2 ``cabinetry_config.yml``: both regions rebinned to 11 bins of 40 GeV from
+110 GeV (the AGC's ``h[110j::hist.rebin(2)]``, which already drops the sparse low edge of HT and m_bjj),
+ttbar scaled by the free ``ttbar_norm``, and the AGC systematics as HistFactory modifiers. cabinetry reads
+ROOT histograms through a path template, so we first write the rebinned histograms (and nothing else) into
+the output folder and point the generated configuration at that file; the fit sees the binning the plots show.
 
-The uncertainty on ``ttbar_norm`` is a MINOS interval (default) or comes from the profile likelihood: on
-systematics-dominated inputs Minuit's Hesse error is not trustworthy (it jumps by an order of magnitude
-between pseudodata sets), so it is only recorded for reference.
+What makes this model numerically fragile on toy inputs, and what we do about it (``write_fit_inputs``):
+
+* A variation estimated from a handful of simulated events is mostly MC noise: one event moving across a
+  bin edge doubles a bin or empties it. Symmetrised (``2 x nominal - up``, the AGC's choice for ME, PS, JES
+  and JER) such a bin goes negative, the expected yield of the bin becomes negative beyond one sigma of the
+  nuisance parameter, and Minuit reports ``FCN result is NaN`` and gives up. So each variation is limited to
+  a 100 % effect per bin (``0 <= variation <= 2 x nominal``): templates stay non-negative both ways, and a
+  variation cannot put events where the nominal has none.
+* A sample with fewer than :data:`MIN_EFFECTIVE_EVENTS` effective simulated events in a region (W+jets or
+  s-channel single top in a small run) has no measurable systematic shape there: its variations are
+  replaced by its nominal (reported as pruned) and its MC statistical uncertainty, which the model keeps,
+  covers it. A variation whose total becomes zero or negative would otherwise make a log(0) normalisation.
+* A bin with pseudodata but no prediction at all cannot be fitted; it is reported, not fitted.
+
+The minimisation's status is recorded (Migrad converged, covariance accurate or forced positive-definite,
+parameters at their bounds); a fit that did not converge is an error, never a result. The interval on
+``ttbar_norm`` is MINOS by default. MINOS fails on such inputs by returning the Hesse error with its
+``is_valid`` flag down (cabinetry passes the numbers on regardless), so its validity is checked and, when it
+failed, the interval comes from the profile likelihood solved for its Δ(−2 ln L) = 1 crossings, and the
+summary and ``fit_results.json`` say so. On systematics-dominated inputs Minuit's Hesse error is not
+trustworthy (it jumps by an order of magnitude between pseudodata sets), so it is only recorded for reference.
 """
 
 from __future__ import annotations
@@ -52,6 +70,9 @@ DATA_SAMPLE = "pseudodata"
 #: Ways to quote the ``ttbar_norm`` interval; both are profile-likelihood based (Δ(−2 ln L) = 1).
 INTERVALS = ("minos", "profile")
 INTERVAL_LABELS = {"minos": "MINOS", "profile": "profile-likelihood interval"}
+#: Below this many effective simulated events, (sum w)^2 / sum w^2 in the fit range, a sample's variations
+#: in a region are pruned: its systematic shapes would be MC noise.
+MIN_EFFECTIVE_EVENTS = 10.0
 
 #: Names of the files ``run_fit`` writes into its output folder.
 CONFIG_NAME = "cabinetry_config.yml"
@@ -83,27 +104,81 @@ def _zeros(edges: np.ndarray) -> Histogram1D:
 
 
 @dataclass(frozen=True)
+class Minimum:
+    """What Minuit says about the minimum: a result is only as good as these flags."""
+
+    converged: bool  #: Migrad's minimum is valid (EDM below its goal, no call limit reached)
+    covariance_accurate: bool  #: Hesse's matrix is accurate (not approximated, not forced positive-definite)
+    covariance_forced: bool  #: Minuit had to force the matrix positive-definite
+    edm: float
+    function_calls: int
+    at_limit: tuple[str, ...]  #: parameters at one of their bounds
+
+    @classmethod
+    def of(cls, minuit: Any) -> Minimum:
+        fmin = minuit.fmin
+        return cls(
+            converged=bool(fmin.is_valid), covariance_accurate=bool(fmin.has_accurate_covar),
+            covariance_forced=bool(fmin.has_made_posdef_covar), edm=float(fmin.edm),
+            function_calls=int(fmin.nfcn), at_limit=tuple(p.name for p in minuit.params if _at_limit(p)),
+        )
+
+    def problem(self) -> str:
+        """Why the minimum is not valid, in words (empty when it is)."""
+        if self.converged:
+            return ""
+        why = [f"estimated distance to the minimum {self.edm:.3g} above its goal"]
+        if self.at_limit:
+            why.append("at their bounds: " + ", ".join(self.at_limit))
+        return "; ".join(why)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "converged": self.converged, "covariance_accurate": self.covariance_accurate,
+            "covariance_forced_positive_definite": self.covariance_forced, "edm": self.edm,
+            "function_calls": self.function_calls, "parameters_at_limit": list(self.at_limit),
+        }
+
+
+def _at_limit(p: Any) -> bool:
+    """A free parameter within 0.1 % of its range from one of its bounds."""
+    if p.is_fixed or p.lower_limit is None or p.upper_limit is None:
+        return False
+    tolerance = 1e-3 * (p.upper_limit - p.lower_limit)
+    return bool(min(p.value - p.lower_limit, p.upper_limit - p.value) <= tolerance)
+
+
+@dataclass(frozen=True)
 class FitResult:
     """Best fit and interval of ``ttbar_norm`` plus where everything was written."""
 
     value: float
     error_up: float  #: positive distance from ``value`` to the upper end of the interval
     error_down: float  #: positive distance from ``value`` to the lower end of the interval
-    interval: str  #: one of :data:`INTERVALS`
+    interval: str  #: the method that produced the interval, one of :data:`INTERVALS`
     hesse_error: float  #: Minuit's parabolic error, for reference only
+    minimum: Minimum
     output_dir: Path
     results: Path
     config: Path
     workspace: Path
+    #: why MINOS, when asked for, did not give the interval (the profile likelihood did); None if it did
+    minos_failure: str | None = None
     plots: tuple[Path, ...] = ()
     #: optional templates absent from the input or empty in the fit range (their nominal was used)
     substituted: tuple[str, ...] = field(default=())
     #: ``{region}_{process}`` without events in the fit range, left out of that region
     left_out: tuple[str, ...] = field(default=())
+    #: variation histograms replaced by their nominal: too few simulated events to carry a shape
+    pruned: tuple[str, ...] = field(default=())
+    #: variation histograms with bins limited to a 100 % effect
+    capped: tuple[str, ...] = field(default=())
 
     def summary(self) -> str:
         """One line for humans, e.g. ``ttbar_norm = 1.300 +0.131 -0.112 (MINOS)``."""
         label = INTERVAL_LABELS[self.interval]
+        if self.minos_failure is not None:
+            label += ", MINOS failed"
         if math.isclose(self.error_up, self.error_down, rel_tol=5e-3):
             return f"{POI} = {self.value:.3f} ± {self.error_up:.3f} ({label})"
         return f"{POI} = {self.value:.3f} +{self.error_up:.3f} -{self.error_down:.3f} ({label})"
@@ -316,16 +391,34 @@ class FitInputs:
     sample_regions: dict[str, tuple[str, ...]]
     #: variation keys absent from the input (zero sum) or without a positive yield in the fit range
     substituted: tuple[str, ...]
+    #: variation keys replaced by their nominal: fewer than MIN_EFFECTIVE_EVENTS simulated events
+    pruned: tuple[str, ...] = ()
+    #: variation keys with bins limited to a 100 % effect (0 <= variation <= 2 x nominal)
+    capped: tuple[str, ...] = ()
+
+
+def effective_events(h: Histogram1D) -> float:
+    """(sum w)^2 / sum w^2: how many unweighted simulated events the histogram is worth."""
+    variance = float(h.variances.sum())
+    return float(h.values.sum()) ** 2 / variance if variance > 0 else 0.0
+
+
+def _cap(variation: Histogram1D, nominal: Histogram1D) -> Histogram1D:
+    """The variation with every bin limited to a 100 % effect: 0 <= variation <= 2 x nominal."""
+    values = np.clip(variation.values, 0.0, 2.0 * np.maximum(nominal.values, 0.0))
+    return Histogram1D(values=values, variances=variation.variances, edges=variation.edges)
 
 
 def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
-    """Write the rebinned histograms the model needs to ``target``.
+    """Write the rebinned histograms the model needs to ``target``, guarded as the module docstring says.
 
     A variation histogram is absent when its sum of weights is zero; its nominal is written in its place so
     that the modifier exists but has no effect, and the substitution is reported. The same holds for a
-    variation without a positive yield in the fit range (its normalisation effect would be log(0)). A process
-    without a positive yield in the fit range of a region is left out of that region (HistFactory cannot
-    normalise it).
+    variation without a positive yield in the fit range (its normalisation effect would be log(0)), and for
+    the variations of a sample with fewer than :data:`MIN_EFFECTIVE_EVENTS` effective events in the region
+    (pruned). The other variations are limited to a 100 % effect per bin (capped). A process without a
+    positive yield in the fit range of a region is left out of that region (HistFactory cannot normalise
+    it); a bin with pseudodata but nothing predicted is a :class:`FitError`.
     """
     import hist
 
@@ -333,6 +426,8 @@ def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
         raise FitError(f"{histograms}: no such file")
     edges = _fit_edges()
     substituted: list[str] = []
+    pruned: list[str] = []
+    capped: list[str] = []
     out: dict[str, Histogram1D] = {}
     try:
         f = uproot.open(histograms)
@@ -363,14 +458,26 @@ def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
             if h is None or (h.values.sum() <= 0 < nominal.values.sum()):
                 out[key] = nominal
                 substituted.append(key)
+            elif nominal.values.sum() > 0 and effective_events(nominal) < MIN_EFFECTIVE_EVENTS:
+                out[key] = nominal
+                pruned.append(key)
             else:
-                out[key] = h
+                out[key] = _cap(h, nominal)
+                if not np.array_equal(out[key].values, h.values):
+                    capped.append(key)
     sample_regions = {
         p: tuple(r for r in REGIONS if out[histogram_key(r, p)].values.sum() > 0) for p in PROCESSES
     }
     if not sample_regions["ttbar"]:
         lo, hi = FIT_RANGE
         raise FitError(f"{histograms}: ttbar has no events in the fit range ({lo:g}-{hi:g} GeV)")
+    for region in REGIONS:
+        predicted = sum(out[histogram_key(region, p)].values for p in PROCESSES)
+        empty = (predicted <= 0) & (out[histogram_key(region, DATA_SAMPLE)].values > 0)
+        if empty.any():
+            i = int(np.flatnonzero(empty)[0])
+            raise FitError(f"{histograms}: {region} bin {edges[i]:g}-{edges[i + 1]:g} GeV has pseudodata but "
+                           "no simulated events of any process: too few events to fit (generate more)")
     with atomic_path(target) as tmp, uproot.recreate(tmp) as w:
         for key, h in out.items():
             bh = hist.Hist(hist.axis.Variable(h.edges), storage=hist.storage.Weight())
@@ -378,10 +485,13 @@ def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
             view.value = h.values
             view.variance = h.variances
             w[key] = bh
-    if substituted:
-        log.info("%d variation histograms absent or empty, nominal used: %s", len(substituted),
-                 ", ".join(substituted))
-    return FitInputs(path=target, sample_regions=sample_regions, substituted=tuple(substituted))
+    for what, keys in (("absent or empty, nominal used", substituted),
+                       (f"pruned (fewer than {MIN_EFFECTIVE_EVENTS:g} effective events)", pruned),
+                       ("capped at a 100 % effect per bin", capped)):
+        if keys:
+            log.info("%d variation histograms %s: %s", len(keys), what, ", ".join(keys))
+    return FitInputs(path=target, sample_regions=sample_regions, substituted=tuple(substituted),
+                     pruned=tuple(pruned), capped=tuple(capped))
 
 
 def _left_out(sample_regions: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
@@ -406,7 +516,6 @@ def run_fit(histograms: Path, output_dir: Path, *, interval: str = "minos", plot
     if interval not in INTERVALS:
         raise FitError(f"unknown interval method '{interval}' (choose from {', '.join(INTERVALS)})")
     import cabinetry
-    import pyhf
 
     histograms = Path(histograms)
     output_dir = Path(output_dir).resolve()
@@ -425,29 +534,83 @@ def run_fit(histograms: Path, output_dir: Path, *, interval: str = "minos", plot
 
     model, data = cabinetry.model_utils.model_and_data(ws)
     poi_index = model.config.poi_index
-    try:
-        fit_results = cabinetry.fit.fit(model, data, minos=[POI] if interval == "minos" else None)
-        value = float(fit_results.bestfit[poi_index])
-        hesse = float(fit_results.uncertainty[poi_index])
-        if interval == "minos":
-            down, up = fit_results.minos_uncertainty[POI]
-            err_down, err_up = -float(down), float(up)
+    fit_results, minuit = _minimise(model, data)
+    minimum = Minimum.of(minuit)
+    if fit_results is None:
+        _write_failure(output_dir / RESULTS_NAME, minimum, histograms)
+        raise FitError(f"the fit did not converge ({histograms}): {minimum.problem()}")
+    value = float(fit_results.bestfit[poi_index])
+    hesse = float(fit_results.uncertainty[poi_index])
+    minos_failure = None
+    if interval == "minos":
+        minos = _minos(minuit, POI)
+        if isinstance(minos, str):
+            minos_failure = minos
+            log.warning("MINOS failed for %s (%s): using the profile-likelihood interval", POI, minos)
         else:
-            twice_nll = float(fit_results.best_twice_nll)
-            lo, hi = profile_interval(model, data, fit_results.bestfit, twice_nll, hesse)
-            err_down, err_up = value - lo, hi - value
-    except pyhf.exceptions.FailedMinimization as err:
-        raise FitError(f"the fit did not converge ({histograms}): {str(err).splitlines()[0]}") from err
+            err_down, err_up = minos
+    if interval == "profile" or minos_failure is not None:
+        lo, hi = profile_interval(model, data, fit_results.bestfit, float(fit_results.best_twice_nll), hesse)
+        err_down, err_up = value - lo, hi - value
 
     plot_paths = _fit_plots(model, data, fit_results, config, output_dir) if plots else ()
     result = FitResult(
-        value=value, error_up=err_up, error_down=err_down, interval=interval, hesse_error=hesse,
-        output_dir=output_dir, results=output_dir / RESULTS_NAME, config=config_path,
-        workspace=workspace_path, plots=plot_paths, substituted=inputs.substituted,
-        left_out=_left_out(inputs.sample_regions),
+        value=value, error_up=err_up, error_down=err_down,
+        interval="profile" if minos_failure is not None else interval, hesse_error=hesse, minimum=minimum,
+        minos_failure=minos_failure, output_dir=output_dir, results=output_dir / RESULTS_NAME,
+        config=config_path, workspace=workspace_path, plots=plot_paths, substituted=inputs.substituted,
+        left_out=_left_out(inputs.sample_regions), pruned=inputs.pruned, capped=inputs.capped,
     )
     _write_results(result, fit_results, histograms)
     return result
+
+
+def _minimise(model: Any, data: Sequence[float]) -> tuple[Any | None, Any]:
+    """Migrad and Hesse through pyhf, as ``cabinetry.fit.fit`` runs them, keeping the Minuit object.
+
+    cabinetry's fit raises on an invalid minimum and keeps Minuit's status to itself; the status is what
+    tells a result from a number, so we run the same pyhf call and build cabinetry's ``FitResults`` (for its
+    plots) ourselves. A failed minimisation gives no ``FitResults``, only Minuit in its last state.
+    """
+    import cabinetry
+    import pyhf
+
+    backend, optimizer = pyhf.get_backend()
+    pyhf.set_backend(backend, pyhf.optimize.minuit_optimizer(verbose=0))
+    try:
+        result, corr, twice_nll, obj = pyhf.infer.mle.fit(
+            data, model, return_uncertainties=True, return_correlations=True, return_fitted_val=True,
+            return_result_obj=True)
+    except pyhf.exceptions.FailedMinimization as err:
+        return None, err.result.minuit
+    finally:
+        pyhf.set_backend(backend, optimizer)
+    minuit = obj.minuit
+    uncertainty = np.where(minuit.fixed, 0.0, pyhf.tensorlib.to_numpy(result[:, 1]))
+    return cabinetry.fit.FitResults(
+        pyhf.tensorlib.to_numpy(result[:, 0]), uncertainty, list(model.config.par_names),
+        pyhf.tensorlib.to_numpy(corr), float(twice_nll),
+    ), minuit
+
+
+def _minos(minuit: Any, name: str) -> tuple[float, float] | str:
+    """MINOS distances (down, up) of ``name``, or why MINOS failed.
+
+    Minuit2 does not raise when a crossing is not found: it flags the error invalid and returns the Hesse
+    error in its place, which cabinetry reports as the MINOS interval. Hence the flags are read here.
+    """
+    minuit.minos(name)
+    me = minuit.merrors[name]
+    if me.is_valid:
+        return -float(me.lower), float(me.upper)
+    why = []
+    for side, valid, max_fcn, new_min in (("lower", me.lower_valid, me.at_lower_max_fcn, me.lower_new_min),
+                                          ("upper", me.upper_valid, me.at_upper_max_fcn, me.upper_new_min)):
+        if valid:
+            continue
+        reason = "call limit reached" if max_fcn else "found a new minimum" if new_min else "no crossing found"
+        why.append(f"{side} crossing: {reason}")
+    return "; ".join(why) or "invalid"
 
 
 def profile_interval(model: Any, data: Sequence[float], bestfit: Sequence[float] | np.ndarray,
@@ -525,14 +688,24 @@ def _fit_plots(model: Any, data: Sequence[float], fit_results: Any, config: dict
     return tuple(saved)
 
 
+def _write_failure(path: Path, minimum: Minimum, histograms: Path) -> None:
+    """A ``fit_results.json`` that says the fit failed: an older result in the folder must not pass for it."""
+    doc = {"poi": POI, "measurement": MEASUREMENT, "minimisation": minimum.as_dict(), "bestfit": None,
+           "interval": None, "summary": f"the fit did not converge: {minimum.problem()}",
+           "histograms": str(histograms.resolve())}
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+
+
 def _write_results(result: FitResult, fit_results: Any, histograms: Path) -> None:
     labels = list(fit_results.labels)
     doc = {
         "poi": POI,
         "measurement": MEASUREMENT,
+        "minimisation": result.minimum.as_dict(),
         "bestfit": result.value,
         "interval": {
             "method": result.interval,
+            "minos_failure": result.minos_failure,
             "description": INTERVAL_LABELS[result.interval] + ", Δ(−2 ln L) = 1",
             "up": result.error_up,
             "down": result.error_down,
@@ -546,6 +719,8 @@ def _write_results(result: FitResult, fit_results: Any, histograms: Path) -> Non
         "workspace": result.workspace.name,
         "plots": [p.name for p in result.plots],
         "substituted_templates": list(result.substituted),
+        "pruned_templates": list(result.pruned),
+        "capped_templates": list(result.capped),
         "samples_left_out": list(result.left_out),
         "twice_nll": float(fit_results.best_twice_nll),
         "parameters": [
@@ -566,8 +741,10 @@ __all__: list[str] = [
     "FitInputs",
     "FitResult",
     "Histogram1D",
+    "Minimum",
     "Systematic",
     "build_config",
+    "effective_events",
     "histogram_key",
     "optional_keys",
     "profile_interval",

@@ -277,3 +277,82 @@ def test_background_without_events_in_a_region_reads_as_zero(tmp_path: Path) -> 
     assert set(result.left_out) == {"4j1b_wjets", "4j2b_wjets"}
     config = yaml.safe_load(result.config.read_text())
     assert "wjets" not in [s["Name"] for s in config["Samples"]]
+
+
+def test_results_record_the_minimisation_status_and_the_interval_method(toy_file: Path, tmp_path: Path) -> None:
+    result = run_fit(toy_file, tmp_path / "fit", plots=False)
+    doc = json.loads(result.results.read_text())
+    assert doc["minimisation"]["converged"] is True
+    assert doc["minimisation"]["covariance_accurate"] is True
+    assert doc["minimisation"]["parameters_at_limit"] == []
+    assert doc["interval"]["method"] == "minos" and doc["interval"]["minos_failure"] is None
+    assert result.summary().endswith("(MINOS)")
+
+
+def _failing_minos(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make MINOS fail as Minuit2 does on sparse toys: no exception, both crossings flagged invalid, and the
+    Hesse error returned in their place (seen on a 2,000-event demo, seed 3: ``-0.198 / +0.198``)."""
+    import dataclasses
+
+    from iminuit import Minuit
+
+    real = Minuit.minos
+
+    def minos(self: Minuit, *names: str, **kwargs: object) -> Minuit:
+        real(self, *names, **kwargs)
+        for name in names:
+            hesse = self.errors[name]
+            self._merrors[name] = dataclasses.replace(
+                self.merrors[name], lower=-hesse, upper=hesse, is_valid=False, lower_valid=False,
+                upper_valid=False)
+        return self
+
+    monkeypatch.setattr(Minuit, "minos", minos)
+
+
+def test_a_failed_minos_is_never_labelled_minos(toy_file: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    profile = run_fit(toy_file, tmp_path / "profile", interval="profile", plots=False)
+    _failing_minos(monkeypatch)
+    result = run_fit(toy_file, tmp_path / "fit", plots=False)
+    assert result.interval == "profile" and result.minos_failure is not None
+    assert "no crossing found" in result.minos_failure
+    assert "(MINOS)" not in result.summary() and "profile-likelihood interval, MINOS failed" in result.summary()
+    # the interval is the profile likelihood's, not the Hesse error MINOS handed back
+    assert result.error_up == pytest.approx(profile.error_up, rel=1e-3)
+    assert result.error_down == pytest.approx(profile.error_down, rel=1e-3)
+    doc = json.loads(result.results.read_text())
+    assert doc["interval"]["method"] == "profile" and doc["interval"]["minos_failure"] == result.minos_failure
+
+    res = CliRunner().invoke(main, ["fit", str(toy_file), "--output-dir", str(tmp_path / "cli"), "--no-plots"])
+    assert res.exit_code == 0, res.output
+    assert "(MINOS)" not in res.output and "note: MINOS failed" in res.output
+
+
+def test_sparse_variations_are_capped_and_pruned(tmp_path: Path) -> None:
+    """A variation doubling a bin is MC noise: capped at a 100 % effect; a sample of a few effective events
+    keeps no variations at all; the fit converges on what is left."""
+    path = tmp_path / "histograms.root"
+    contents = toy_histograms()
+    spike = contents["4j2b_single_top_tW_pt_res_up"].copy()
+    spike[10] = 5 * contents["4j2b_single_top_tW"][10]
+    sparse = {k: v * 1e-4 for k, v in contents.items() if k.startswith("4j1b_single_top_s_chan")}
+    write_toy_histograms(path, extra={"4j2b_single_top_tW_pt_res_up": spike, **sparse})
+    result = run_fit(path, tmp_path / "fit", plots=False)
+    assert "4j2b_single_top_tW_pt_res_up" in result.capped
+    assert result.pruned and all(k.startswith("4j1b_single_top_s_chan_") for k in result.pruned)
+    assert result.minimum.converged
+    with uproot.open(result.output_dir / "histograms_rebinned.root") as f:
+        capped = f["4j2b_single_top_tW_pt_res_up"].values()
+        nominal = f["4j2b_single_top_tW"].values()
+    assert np.all(capped <= 2 * nominal + 1e-9) and np.all(capped >= 0)
+
+
+def test_pseudodata_without_any_prediction_is_reported_not_fitted(tmp_path: Path) -> None:
+    path = tmp_path / "histograms.root"
+    contents = toy_histograms()
+    emptied = {k: np.where(np.arange(HIST_BINS) >= 23, 0.0, v) for k, v in contents.items()
+               if k.startswith("4j1b_") and not k.endswith("pseudodata")}
+    write_toy_histograms(path, extra=emptied)
+    with pytest.raises(FitError, match="4j1b bin 510-550 GeV has pseudodata but no simulated events"):
+        run_fit(path, tmp_path / "fit", plots=False)

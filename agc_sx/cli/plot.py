@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
+from ..capture import captured
 from ._group import main, user_errors
+from ._output import echo_captured, verbose_option
+
+#: Where the plot stage keeps what matplotlib says (font fallbacks of the CMS style, ...), in its folder.
+PLOT_LOG = "plot.log"
 
 
 @main.command("plot")
@@ -17,13 +21,14 @@ from ._group import main, user_errors
 @click.option("--ml", "ml_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="ML histograms for the grid of BDT observables "
                    "[default: histograms_ml.root next to HISTOGRAMS, if present].")
+@verbose_option
 @user_errors()
-def plot(histograms: Path, output_dir: Path, ml_path: Path | None) -> None:
+def plot(histograms: Path, output_dir: Path, ml_path: Path | None, verbose: bool) -> None:
     """Draw HISTOGRAMS (from `agc-sx process`): stacks with pseudodata, ttbar variations, ML observables."""
-    # the CMS style asks for fonts some systems lack; matplotlib's fallback is fine, its notice is noise
-    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     from ..plotting import plot_all
 
-    plots = plot_all(histograms, output_dir, ml=ml_path)
+    with captured(output_dir / PLOT_LOG, verbose=verbose) as capture:
+        plots = plot_all(histograms, output_dir, ml=ml_path)
     for p in plots:
         click.echo(f"wrote {p.path}")
+    echo_captured(capture)
