@@ -40,6 +40,7 @@ class Capture:
 
     @property
     def total(self) -> int:
+        """Captured lines of every kind."""
         return sum(self.counts.values())
 
     def summary(self, relative_to: Path | None = None) -> str:

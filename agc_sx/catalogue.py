@@ -20,12 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from .constants import LUMI_PB, XSEC_PB
-from .errors import AgcSxError
+from .errors import CatalogError
 from .utils import atomic_write_text
 
 
-class CatalogError(AgcSxError, ValueError):
-    """A catalogue that cannot be used; the message names the offending entry."""
+def event_weight(xsec: float, nevts_total: int) -> float:
+    """Per-event normalisation ``xsec * lumi / nevts_total`` (pb x /pb / events; the AGC's order of operations).
+
+    The one definition of the sample weight: every pipeline weights a sample through it.
+    """
+    return xsec * LUMI_PB / nevts_total
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,10 @@ class Sample:
 
     @property
     def weight(self) -> float:
-        """Per-event weight ``xsec * L / nevts_total`` for this (possibly sliced) sample."""
-        return self.xsec * LUMI_PB / self.nevts_total if self.nevts_total else 0.0
+        """Per-event weight of this (possibly sliced) sample, :func:`event_weight`."""
+        if self.nevts_total <= 0:
+            raise CatalogError(f"sample {self.name} has no input events to normalise to (nevts 0)")
+        return event_weight(self.xsec, self.nevts_total)
 
     def head(self, n_files: int | None) -> Sample:
         """The sample restricted to its first ``n_files`` files, with ``nevts_total`` summed over them."""
@@ -96,6 +102,7 @@ class Catalog:
 
     @property
     def names(self) -> list[str]:
+        """Fileset names (``process__variation``), in catalogue order."""
         return [s.name for s in self.samples]
 
     def select(self, names: list[str] | None = None, n_files: int | None = None) -> Catalog:
@@ -128,6 +135,7 @@ class Catalog:
         }
 
     def to_json(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The catalogue in the ``ntuples.json`` layout (what :func:`save_catalog` writes)."""
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for s in self.samples:
             out.setdefault(s.process, {})[s.variation] = {
@@ -139,10 +147,12 @@ class Catalog:
 
     @property
     def n_files(self) -> int:
+        """Input files over all samples."""
         return sum(len(s.files) for s in self.samples)
 
     @property
     def nevts(self) -> int:
+        """Unskimmed events over all samples."""
         return sum(s.nevts_total for s in self.samples)
 
 

@@ -56,7 +56,18 @@ from .constants import (
     TTBAR_ALTERNATIVES,
     WJETS_SCALE_VARIATIONS,
 )
-from .errors import AgcSxError
+from .errors import FitError
+from .histograms import (
+    ALWAYS_PRESENT,
+    DATA_SAMPLE,
+    OBSERVABLE_LABELS,
+    Histogram1D,
+    hist_key,
+    read_histogram,
+    read_nominals,
+    rebin_for_fit,
+    zero_histogram,
+)
 from .utils import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -66,7 +77,6 @@ MEASUREMENT = "CMS_ttbar"
 POI = "ttbar_norm"
 POI_NOMINAL = 1.0
 POI_BOUNDS = (0.0, 10.0)
-DATA_SAMPLE = "pseudodata"
 #: Ways to quote the ``ttbar_norm`` interval; both are profile-likelihood based (Δ(−2 ln L) = 1).
 INTERVALS = ("minos", "profile")
 INTERVAL_LABELS = {"minos": "MINOS", "profile": "profile-likelihood interval"}
@@ -81,28 +91,6 @@ TEMPLATES_DIR = "templates"
 WORKSPACE_NAME = "workspace.json"
 RESULTS_NAME = "fit_results.json"
 
-_OBSERVABLE_LABELS = {"HT": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]"}
-
-
-class FitError(AgcSxError, ValueError):
-    """Bad input for the fit (a missing histogram, an unexpected binning); the message is one line."""
-
-
-@dataclass(frozen=True)
-class Histogram1D:
-    """Bin contents, sum of squared weights and edges of a 1D histogram (no flow bins)."""
-
-    values: np.ndarray
-    variances: np.ndarray
-    edges: np.ndarray
-
-
-def _zeros(edges: np.ndarray) -> Histogram1D:
-    """An empty histogram: what a zero-sum histogram (not written by the processor) stands for."""
-    zeros = np.zeros(len(edges) - 1)
-    return Histogram1D(values=zeros, variances=zeros.copy(), edges=np.array(edges, dtype=np.float64))
-
-
 @dataclass(frozen=True)
 class Minimum:
     """What Minuit says about the minimum: a result is only as good as these flags."""
@@ -116,6 +104,7 @@ class Minimum:
 
     @classmethod
     def of(cls, minuit: Any) -> Minimum:
+        """The flags of ``minuit``'s last minimisation."""
         fmin = minuit.fmin
         return cls(
             converged=bool(fmin.is_valid), covariance_accurate=bool(fmin.has_accurate_covar),
@@ -133,6 +122,7 @@ class Minimum:
         return "; ".join(why)
 
     def as_dict(self) -> dict[str, Any]:
+        """The flags as ``fit_results.json`` records them."""
         return {
             "converged": self.converged, "covariance_accurate": self.covariance_accurate,
             "covariance_forced_positive_definite": self.covariance_forced, "edm": self.edm,
@@ -184,44 +174,6 @@ class FitResult:
         return f"{POI} = {self.value:.3f} +{self.error_up:.3f} -{self.error_down:.3f} ({label})"
 
 
-# --- histograms ---------------------------------------------------------------------------------------------
-
-
-def histogram_key(region: str, process: str, variation: str | None = None) -> str:
-    """Key of a histogram in ``histograms.root``: ``{region}_{process}[_{variation}]``."""
-    return f"{region}_{process}" if variation in (None, "nominal") else f"{region}_{process}_{variation}"
-
-
-def read_histogram(file: Any, key: str, source: Path | str = "histograms file") -> Histogram1D:
-    """Read one histogram from an open uproot file, raising :class:`FitError` naming the key if absent."""
-    if key not in file:
-        raise FitError(f"{source}: histogram '{key}' is missing")
-    h = file[key]
-    variances = h.variances(flow=False)
-    values = np.asarray(h.values(flow=False), dtype=np.float64)
-    return Histogram1D(
-        values=values,
-        variances=np.asarray(variances if variances is not None else values, dtype=np.float64),
-        edges=np.asarray(h.axis().edges(), dtype=np.float64),
-    )
-
-
-def rebin_for_fit(h: Histogram1D) -> Histogram1D:
-    """Drop bins below ``FIT_RANGE[0]``, merge ``FIT_REBIN`` neighbours (AGC: ``h[110j::hist.rebin(2)]``)."""
-    lo, hi = FIT_RANGE
-    start = np.flatnonzero(np.isclose(h.edges, lo))
-    if start.size != 1 or not math.isclose(h.edges[-1], hi):
-        raise FitError(f"binning {h.edges[0]:g}-{h.edges[-1]:g} GeV has no bin edge at {lo:g} "
-                       f"or does not end at {hi:g}")
-    first = int(start[0])
-    n_kept = len(h.values) - first
-    if n_kept % FIT_REBIN:
-        raise FitError(f"{n_kept} bins from {lo:g} GeV cannot be merged in groups of {FIT_REBIN}")
-    values = h.values[first:].reshape(-1, FIT_REBIN).sum(axis=1)
-    variances = h.variances[first:].reshape(-1, FIT_REBIN).sum(axis=1)
-    return Histogram1D(values=values, variances=variances, edges=h.edges[first::FIT_REBIN].copy())
-
-
 # --- the model ----------------------------------------------------------------------------------------------
 
 
@@ -258,38 +210,9 @@ def systematics() -> tuple[Systematic, ...]:
     return tuple(out)
 
 
-#: Processes whose nominal histogram must exist in every region: the signal (and the pseudodata, as data).
-ALWAYS_PRESENT = ("ttbar", DATA_SAMPLE)
-
-
 def required_keys() -> list[str]:
     """Histograms the fit cannot do without: the pseudodata and the ttbar nominal, per region."""
-    return [histogram_key(r, p) for r in REGIONS for p in ALWAYS_PRESENT]
-
-
-def read_nominals(file: Any, prefixes: Sequence[str], source: Path | str) -> dict[str, dict[str, Histogram1D]]:
-    """Nominal histograms ``{prefix}_{process}`` and ``{prefix}_pseudodata`` for each prefix (region, feature).
-
-    The processor does not write histograms with a zero sum, so a background without events under a prefix
-    (W+jets in 4j2b of a small sample, or anywhere in a tiny one) reads as zeros there. The pseudodata and
-    ttbar must be present everywhere: without them the file is not a result of ``agc-sx process``.
-    """
-    present = set(file.keys(cycle=False))
-    out: dict[str, dict[str, Histogram1D]] = {}
-    for prefix in prefixes:
-        out[prefix] = {p: read_histogram(file, f"{prefix}_{p}", source) for p in ALWAYS_PRESENT}
-    for process in PROCESSES:
-        if process in ALWAYS_PRESENT:
-            continue
-        keys = [f"{prefix}_{process}" for prefix in prefixes]
-        if not any(k in present for k in keys):
-            log.warning("%s: no %s histogram at all (no events selected): counted as zero", source, process)
-        for prefix, key in zip(prefixes, keys, strict=True):
-            if key in present:
-                out[prefix][process] = read_histogram(file, key, source)
-            else:
-                out[prefix][process] = _zeros(out[prefix]["ttbar"].edges)
-    return out
+    return [hist_key(r, p) for r in REGIONS for p in ALWAYS_PRESENT]
 
 
 def optional_keys() -> list[str]:
@@ -298,7 +221,7 @@ def optional_keys() -> list[str]:
     for r in REGIONS:
         for s in systematics():
             for p in s.samples:
-                keys += [histogram_key(r, p, v) for v in (s.up, s.down) if v is not None]
+                keys += [hist_key(r, p, v) for v in (s.up, s.down) if v is not None]
     return list(dict.fromkeys(keys))
 
 
@@ -323,7 +246,7 @@ def build_config(input_file: Path, histogram_folder: Path,
             {
                 "Name": region,
                 "RegionPath": region,
-                "Variable": _OBSERVABLE_LABELS.get(OBSERVABLES[region], OBSERVABLES[region]),
+                "Variable": OBSERVABLE_LABELS.get(OBSERVABLES[region], OBSERVABLES[region]),
                 "Binning": _fit_edges().tolist(),
             }
             for region in REGIONS
@@ -449,11 +372,11 @@ def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
         present = set(f.keys(cycle=False))
         for region, nominals in read_nominals(f, REGIONS, histograms).items():
             for process in nominals:
-                key = histogram_key(region, process)
-                out[key] = load(key) if key in present else _zeros(edges)
+                key = hist_key(region, process)
+                out[key] = load(key) if key in present else zero_histogram(edges)
         for key in optional_keys():
             region, process = _nominal_of(key)
-            nominal = out[histogram_key(region, process)]
+            nominal = out[hist_key(region, process)]
             h = load(key) if key in present else None
             if h is None or (h.values.sum() <= 0 < nominal.values.sum()):
                 out[key] = nominal
@@ -466,14 +389,14 @@ def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
                 if not np.array_equal(out[key].values, h.values):
                     capped.append(key)
     sample_regions = {
-        p: tuple(r for r in REGIONS if out[histogram_key(r, p)].values.sum() > 0) for p in PROCESSES
+        p: tuple(r for r in REGIONS if out[hist_key(r, p)].values.sum() > 0) for p in PROCESSES
     }
     if not sample_regions["ttbar"]:
         lo, hi = FIT_RANGE
         raise FitError(f"{histograms}: ttbar has no events in the fit range ({lo:g}-{hi:g} GeV)")
     for region in REGIONS:
-        predicted = sum(out[histogram_key(region, p)].values for p in PROCESSES)
-        empty = (predicted <= 0) & (out[histogram_key(region, DATA_SAMPLE)].values > 0)
+        predicted = sum(out[hist_key(region, p)].values for p in PROCESSES)
+        empty = (predicted <= 0) & (out[hist_key(region, DATA_SAMPLE)].values > 0)
         if empty.any():
             i = int(np.flatnonzero(empty)[0])
             raise FitError(f"{histograms}: {region} bin {edges[i]:g}-{edges[i + 1]:g} GeV has pseudodata but "
@@ -496,7 +419,7 @@ def write_fit_inputs(histograms: Path, target: Path) -> FitInputs:
 
 def _left_out(sample_regions: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
     return tuple(
-        histogram_key(r, p) for p, regions in sample_regions.items() for r in REGIONS if r not in regions
+        hist_key(r, p) for p, regions in sample_regions.items() for r in REGIONS if r not in regions
     )
 
 
@@ -740,16 +663,12 @@ __all__: list[str] = [
     "FitError",
     "FitInputs",
     "FitResult",
-    "Histogram1D",
     "Minimum",
     "Systematic",
     "build_config",
     "effective_events",
-    "histogram_key",
     "optional_keys",
     "profile_interval",
-    "read_histogram",
-    "rebin_for_fit",
     "required_keys",
     "run_fit",
     "systematics",

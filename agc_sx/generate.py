@@ -88,7 +88,6 @@ DEFAULT_FILES_PER_SAMPLE = 1
 #: Events generated and written per ``extend`` call: bounds memory for big files. Part of the seeding scheme.
 CHUNK_SIZE = 50_000
 
-_E_BEAM = 6500.0  # GeV, 13 TeV collisions
 _ETA_PT0 = 22756.0  # ROOT's eta for a vector with pT = 0 is +-(22756 + |pz|)
 _M_B, _M_C, _M_E, _M_MU, _M_TAU = 4.8, 1.5, 0.000511, 0.10566, 1.777
 _F32 = np.float32
@@ -278,7 +277,8 @@ class _Truth:
 
     def count_jets(self, pt_min: float, abs_eta_max: float) -> np.ndarray:
         """Generator-level jets per event within pT and |eta| limits: partons (hard process, W daughters,
-        radiation, FSR) and the visible part of hadronic taus."""
+        radiation, FSR) and the visible part of hadronic taus.
+        """
         evt = np.concatenate([_cat(self.partons, 0, np.int64), _cat(self.taujets, 0, np.int64)])
         pt = np.concatenate([_cat(self.partons, 1), _cat(self.taujets, 1)])
         eta = np.concatenate([_cat(self.partons, 2), _cat(self.taujets, 2)])
@@ -470,7 +470,7 @@ def _decay_w(truth: _Truth, rng: np.random.Generator, iw: int, w: np.ndarray, si
 
 def _decay_top(truth: _Truth, rng: np.random.Generator, it: int, top: np.ndarray, sign: np.ndarray,
                modes: np.ndarray) -> None:
-    """t -> b W with a Breit-Wigner W mass, then the W decay."""
+    """T -> b W with a Breit-Wigner W mass, then the W decay."""
     mt = _mass(top)
     mw = _breit_wigner(rng, W_MASS, W_WIDTH, truth.n, 50.0, mt - _M_B - 0.5)
     b, w = _decay2(top, _M_B, mw, rng)
@@ -596,7 +596,8 @@ def describe_filter(process: str, variation: str = "nominal") -> str:
 
 def _final_state_radiation(truth: _Truth, rng: np.random.Generator, fsr_prob: float) -> None:
     """Hard-process partons radiate a separate gluon jet with probability ``fsr_prob`` (part of the truth, so
-    that the kinematic filter sees the jets it makes)."""
+    that the kinematic filter sees the jets it makes).
+    """
     evt = _cat(truth.partons, 0, np.int64)
     pt = _cat(truth.partons, 1)
     eta = _cat(truth.partons, 2)

@@ -11,7 +11,9 @@ last-bit rounding of the sums.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -20,9 +22,12 @@ from typing import Any
 import hist
 import numpy as np
 
-from .constants import HIST_BINS, HIST_RANGE
+from .constants import FIT_RANGE, FIT_REBIN, HIST_BINS, HIST_RANGE, PROCESSES
+from .errors import HistogramError
 from .manifest import safe_component
 from .utils import atomic_path
+
+log = logging.getLogger(__name__)
 
 #: Power of two the integer sums are scaled by: below the smallest subnormal's last mantissa bit.
 _SHIFT = 1126
@@ -87,6 +92,7 @@ class ExactHist:
             self.sumw2 = [0] * (self.bins + 2)
 
     def fill(self, values: np.ndarray, weights: np.ndarray | float) -> None:
+        """Add ``values`` with ``weights`` (one per value, or one for all) exactly."""
         values = np.asarray(values, dtype=np.float64)
         if len(values) == 0:
             return
@@ -167,13 +173,13 @@ class ExactHist:
 ML_OUTPUT_NAME = "histograms_ml.root"
 
 
-def hist_key(region: str, process: str, variation: str) -> str:
+def hist_key(region: str, process: str, variation: str | None = "nominal") -> str:
     """AGC / cabinetry naming: ``{region}_{process}`` for nominal, ``{region}_{process}_{variation}`` else.
 
     The names are sanitised as the sample folders are: a ``/`` in a catalogue's process name would otherwise
     become nested directories in ``histograms.root``.
     """
-    process, variation = safe_component(process), safe_component(variation)
+    process, variation = safe_component(process), safe_component(variation or "nominal")
     return f"{region}_{process}" if variation == "nominal" else f"{region}_{process}_{variation}"
 
 
@@ -209,13 +215,14 @@ def build_output(
             me_var, ps_var, wjets = (h if h is not None else template * 0 for h in parts)
             pd = pseudodata(me_var, ps_var, wjets)
             if not is_empty(pd):
-                out[f"{group}_pseudodata"] = pd
+                out[hist_key(group, DATA_SAMPLE, "nominal")] = pd
     return out
 
 
 def to_th1d(name: str, h: hist.Hist) -> object:
     """A ROOT TH1D (with sumw2) of a 1D regular ``Weight`` histogram, built directly (uproot's generic
-    conversion of a ``hist.Hist`` costs several times more, which matters for the ~1300 ML histograms)."""
+    conversion of a ``hist.Hist`` costs several times more, which matters for the ~1300 ML histograms).
+    """
     from uproot.writing.identify import to_TAxis, to_TH1x
 
     axis = h.axes[0]
@@ -239,3 +246,87 @@ def write_root(path: Path, hists: Mapping[str, hist.Hist]) -> None:
     with atomic_path(path) as tmp, uproot.recreate(tmp) as f:
         # one update() writes the directory once, instead of once per key (quadratic for ~1300 keys)
         f.update({key: to_th1d(key, hists[key]) for key in sorted(hists)})
+
+
+# --- reading histograms.root (the fit and the plots) -----------------------------------------------------------
+
+#: Name of the pseudodata histograms (``{region}_pseudodata``): the data the fit sees.
+DATA_SAMPLE = "pseudodata"
+#: Axis labels of the region observables.
+OBSERVABLE_LABELS = {"HT": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]"}
+
+
+@dataclass(frozen=True)
+class Histogram1D:
+    """Bin contents, sum of squared weights and edges of a 1D histogram (no flow bins)."""
+
+    values: np.ndarray
+    variances: np.ndarray
+    edges: np.ndarray
+
+
+def zero_histogram(edges: np.ndarray) -> Histogram1D:
+    """An empty histogram: what a zero-sum histogram (not written by the processor) stands for."""
+    zeros = np.zeros(len(edges) - 1)
+    return Histogram1D(values=zeros, variances=zeros.copy(), edges=np.array(edges, dtype=np.float64))
+
+
+def read_histogram(file: Any, key: str, source: Path | str = "histograms file") -> Histogram1D:
+    """Read one histogram from an open uproot file, raising :class:`HistogramError` naming the key if absent."""
+    if key not in file:
+        raise HistogramError(f"{source}: histogram '{key}' is missing")
+    h = file[key]
+    variances = h.variances(flow=False)
+    values = np.asarray(h.values(flow=False), dtype=np.float64)
+    return Histogram1D(
+        values=values,
+        variances=np.asarray(variances if variances is not None else values, dtype=np.float64),
+        edges=np.asarray(h.axis().edges(), dtype=np.float64),
+    )
+
+
+def rebin_for_fit(h: Histogram1D) -> Histogram1D:
+    """Drop bins below ``FIT_RANGE[0]``, merge ``FIT_REBIN`` neighbours (AGC: ``h[110j::hist.rebin(2)]``)."""
+    lo, hi = FIT_RANGE
+    start = np.flatnonzero(np.isclose(h.edges, lo))
+    if start.size != 1 or not math.isclose(h.edges[-1], hi):
+        raise HistogramError(f"binning {h.edges[0]:g}-{h.edges[-1]:g} GeV has no bin edge at {lo:g} "
+                       f"or does not end at {hi:g}")
+    first = int(start[0])
+    n_kept = len(h.values) - first
+    if n_kept % FIT_REBIN:
+        raise HistogramError(f"{n_kept} bins from {lo:g} GeV cannot be merged in groups of {FIT_REBIN}")
+    values = h.values[first:].reshape(-1, FIT_REBIN).sum(axis=1)
+    variances = h.variances[first:].reshape(-1, FIT_REBIN).sum(axis=1)
+    return Histogram1D(values=values, variances=variances, edges=h.edges[first::FIT_REBIN].copy())
+
+
+#: Processes whose nominal histogram must exist in every region: the signal (and the pseudodata, as data).
+ALWAYS_PRESENT = ("ttbar", DATA_SAMPLE)
+
+
+def read_nominals(file: Any, prefixes: Sequence[str], source: Path | str) -> dict[str, dict[str, Histogram1D]]:
+    """Nominal histograms ``{prefix}_{process}`` and ``{prefix}_pseudodata`` for each prefix (region, feature).
+
+    The processor does not write histograms with a zero sum, so a background without events under a prefix
+    (W+jets in 4j2b of a small sample, or anywhere in a tiny one) reads as zeros there. The pseudodata and
+    ttbar must be present everywhere: without them the file is not a result of ``agc-sx process``.
+    """
+    present = set(file.keys(cycle=False))
+    out: dict[str, dict[str, Histogram1D]] = {}
+    for prefix in prefixes:
+        out[prefix] = {p: read_histogram(file, f"{prefix}_{p}", source) for p in ALWAYS_PRESENT}
+    for process in PROCESSES:
+        if process in ALWAYS_PRESENT:
+            continue
+        keys = [f"{prefix}_{process}" for prefix in prefixes]
+        if not any(k in present for k in keys):
+            log.warning("%s: no %s histogram at all (no events selected): counted as zero", source, process)
+        for prefix, key in zip(prefixes, keys, strict=True):
+            if key in present:
+                out[prefix][process] = read_histogram(file, key, source)
+            else:
+                out[prefix][process] = zero_histogram(out[prefix]["ttbar"].edges)
+    return out
+
+

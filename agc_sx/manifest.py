@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from .errors import AgcSxError
+from .errors import ManifestError
 from .utils import atomic_write_text, sha256_file
 
 MANIFEST_NAME = "manifest.json"
@@ -30,11 +30,9 @@ FORMAT_VERSION = 1
 Status = Literal["complete", "incomplete", "pending"]
 
 
-class ManifestError(AgcSxError, ValueError):
-    """A delivery folder whose manifest is missing, unreadable or inconsistent."""
-
 
 def now() -> str:
+    """Local time with its offset, as the manifest records times."""
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
@@ -96,6 +94,7 @@ class OutputFile:
 
 @dataclass
 class FailedInput:
+    """An input that was asked for and not delivered, with the first line of why."""
     path: str
     nevts: int
     error: str
@@ -118,10 +117,12 @@ class SampleRecord:
 
     @property
     def name(self) -> str:
+        """The fileset key ``process__variation``."""
         return f"{self.process}__{self.variation}"
 
     @property
     def dirname(self) -> str:
+        """The sample's folder inside the delivery folder."""
         return sample_dirname(self.process, self.variation)
 
     @property
@@ -131,19 +132,23 @@ class SampleRecord:
 
     @property
     def rows(self) -> int:
+        """Events after the skim over all outputs."""
         return sum(o.rows for o in self.outputs)
 
     def output_for(self, input_path: str) -> OutputFile | None:
+        """The output of ``input_path``, if it has one."""
         for o in self.outputs:
             if o.input == input_path:
                 return o
         return None
 
     def set_output(self, out: OutputFile) -> None:
+        """Record ``out`` as the output of its input (replacing an older one or a failure)."""
         self.outputs = [o for o in self.outputs if o.input != out.input] + [out]
         self.failed = [f for f in self.failed if f.path != out.input]
 
     def set_failed(self, path: str, nevts: int, error: str) -> None:
+        """Record that ``path`` failed (replacing its output, if any)."""
         self.outputs = [o for o in self.outputs if o.input != path]
         self.failed = [f for f in self.failed if f.path != path] + [FailedInput(path, nevts, error)]
 
@@ -158,6 +163,7 @@ class SampleRecord:
         self.finished = now()
 
     def to_json(self) -> dict[str, Any]:
+        """The record as ``manifest.json`` stores it (with the derived totals)."""
         d = asdict(self)
         d["nevts_total"] = self.nevts_total
         d["rows"] = self.rows
@@ -166,6 +172,7 @@ class SampleRecord:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SampleRecord:
+        """The inverse of :meth:`to_json`."""
         return cls(
             process=d["process"],
             variation=d["variation"],
@@ -193,12 +200,14 @@ class Manifest:
 
     @property
     def path(self) -> Path:
+        """The ``manifest.json`` of the folder."""
         return self.base / MANIFEST_NAME
 
     def __iter__(self) -> Iterator[SampleRecord]:
         return iter(self.samples.values())
 
     def save(self) -> None:
+        """Write ``manifest.json`` atomically."""
         doc = {
             "format_version": FORMAT_VERSION,
             "created": self.created,
@@ -211,6 +220,7 @@ class Manifest:
 
     @classmethod
     def load(cls, base: str | Path) -> Manifest:
+        """Read the manifest of the delivery folder ``base``; ManifestError if there is none or it is damaged."""
         base = Path(base)
         path = base / MANIFEST_NAME
         if not base.is_dir():
@@ -219,6 +229,8 @@ class Manifest:
             raise ManifestError(f"{base} has no {MANIFEST_NAME}: deliver into it first (agc-sx deliver)")
         try:
             doc = json.loads(path.read_text())
+            if not isinstance(doc, dict):
+                raise TypeError(f"a JSON {type(doc).__name__}, not an object")
             query = doc.get("query", {})
             samples = {n: SampleRecord.from_json(r) for n, r in doc["samples"].items()}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
@@ -234,6 +246,7 @@ class Manifest:
 
     @classmethod
     def open_or_create(cls, base: str | Path) -> Manifest:
+        """The manifest of ``base``, or a new empty one (the folder is created)."""
         base = Path(base)
         if (base / MANIFEST_NAME).exists():
             return cls.load(base)

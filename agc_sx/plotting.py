@@ -30,10 +30,18 @@ from .constants import (
     PROCESSES,
     REGIONS,
 )
-from .errors import AgcSxError
-from .fit import DATA_SAMPLE as DATA
-from .fit import FitError, Histogram1D, histogram_key, read_histogram, read_nominals, rebin_for_fit
-from .histograms import ML_OUTPUT_NAME
+from .errors import PlotError
+from .histograms import DATA_SAMPLE as DATA
+from .histograms import (
+    ML_OUTPUT_NAME,
+    OBSERVABLE_LABELS,
+    Histogram1D,
+    HistogramError,
+    hist_key,
+    read_histogram,
+    read_nominals,
+    rebin_for_fit,
+)
 from .utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -65,7 +73,6 @@ _LABELS: dict[str, str] = {
 #: Axis labels of the 20 BDT observables, in the order of the AGC feature vector.
 ML_LABELS: dict[str, str] = {name: _LABELS[name] for name, *_ in ML_FEATURES}
 
-OBSERVABLE_LABELS = {"HT": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]"}
 PROCESS_LABELS = {
     "ttbar": r"$t\bar{t}$",
     "wjets": "W+jets",
@@ -99,10 +106,6 @@ VARIATION_TITLES = {
 FIT_BINNED_REGIONS = ("4j1b",)
 
 
-class PlotError(AgcSxError, ValueError):
-    """Bad input for the plots (a missing histogram); the message is one line."""
-
-
 @dataclass(frozen=True)
 class Plot:
     """One written figure; ``figure`` stays available for inspection (it holds no pyplot state)."""
@@ -115,27 +118,13 @@ class Plot:
 # --- reading ------------------------------------------------------------------------------------------------
 
 
-def _read(file: Any, key: str, source: Path) -> Histogram1D:
-    try:
-        return read_histogram(file, key, source)
-    except FitError as err:
-        raise PlotError(str(err)) from None
-
-
-def _nominals(file: Any, prefixes: list[str], source: Path) -> dict[str, dict[str, Histogram1D]]:
-    try:
-        return read_nominals(file, prefixes, source)
-    except FitError as err:
-        raise PlotError(str(err)) from None
-
-
 def region_histogram(h: Histogram1D, region: str) -> Histogram1D:
     """The binning a region is shown in: the fit's for :data:`FIT_BINNED_REGIONS`, the file's otherwise."""
     if region not in FIT_BINNED_REGIONS:
         return h
     try:
         return rebin_for_fit(h)
-    except FitError as err:
+    except HistogramError as err:
         raise PlotError(f"{region}: {err}") from None
 
 
@@ -231,7 +220,7 @@ def stack_figure(region: str, mc: Mapping[str, Histogram1D], data: Histogram1D, 
 
 def variation_figure(region: str, nominal: Histogram1D, variations: Mapping[str, Histogram1D], xlabel: str,
                      title: str) -> Figure:
-    """ttbar variations against nominal, with the variation/nominal ratio below."""
+    """Ttbar variations against nominal, with the variation/nominal ratio below."""
     with _style():
         fig = Figure(figsize=(12, 10))
         ax, rax = _ratio_axes(fig)
@@ -325,7 +314,7 @@ def plot_all(histograms: Path, output_dir: Path, *, ml: Path | None = None) -> l
 
     with _open(histograms) as f:
         present = set(f.keys(cycle=False))
-        region_nominals = _nominals(f, list(REGIONS), histograms)
+        region_nominals = read_nominals(f, list(REGIONS), histograms)
         for region in REGIONS:
             xlabel = OBSERVABLE_LABELS.get(OBSERVABLES[region], OBSERVABLES[region])
             nominals = region_nominals[region]
@@ -334,9 +323,9 @@ def plot_all(histograms: Path, output_dir: Path, *, ml: Path | None = None) -> l
             figures.append((f"{region}_stack", stack_figure(region, mc, data, xlabel)))
             for group, names in VARIATION_GROUPS.items():
                 variations = {
-                    v: region_histogram(_read(f, key, histograms), region)
+                    v: region_histogram(read_histogram(f, key, histograms), region)
                     for v in names
-                    if (key := histogram_key(region, "ttbar", v)) in present
+                    if (key := hist_key(region, "ttbar", v)) in present
                 }
                 if not variations:
                     log.warning("%s: no ttbar %s variations, plot skipped", region, group)
@@ -346,7 +335,7 @@ def plot_all(histograms: Path, output_dir: Path, *, ml: Path | None = None) -> l
 
     if ml_path is not None:
         with _open(ml_path) as f:
-            ml_nominals = _nominals(f, list(ML_LABELS), ml_path)
+            ml_nominals = read_nominals(f, list(ML_LABELS), ml_path)
             features = {
                 feature: ({p: ml_nominals[feature][p] for p in PROCESSES}, ml_nominals[feature][DATA])
                 for feature in ML_LABELS

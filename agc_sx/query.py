@@ -5,60 +5,30 @@ backend (and the ServiceX test double) hand it to :func:`execute`, which is the 
 uproot transformer (func-adl-uproot: qastle -> generated Python -> uproot.dask / dask-awkward). So local and
 remote delivery can only differ by the machine that runs them.
 
-The query source lives in ``queries/skim.py`` (a real file: func_adl reads lambdas from source). From a wheel
-it is package data, so it is loaded by path rather than imported as a top-level package.
+The query source lives in ``agc_sx/_data/queries/skim.py`` (a real file: func_adl reads lambdas from source),
+imported like any other module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import importlib.util
+import importlib
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
 import awkward as ak
 
-from .errors import AgcSxError
-from .resources import queries_dir
+from .errors import QueryError
+from .resources import DATA_PACKAGE
+from .schema import SKIM_COLUMNS
 
-#: The columns the skim returns, in order, with their awkward types as read from real 2015 NanoAOD.
-#: Counters (``nJet`` ...) are ``uint32`` in CMS files; files written by uproot carry ``int32`` counters,
-#: which :data:`COUNTER_TYPES` also accepts.
-OUTPUT_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("run", "uint32"),
-    ("luminosityBlock", "uint32"),
-    ("event", "uint64"),
-    ("nJet", "uint32"),
-    ("nElectron", "uint32"),
-    ("nMuon", "uint32"),
-    ("Jet_pt", "var * float32"),
-    ("Jet_eta", "var * float32"),
-    ("Jet_phi", "var * float32"),
-    ("Jet_mass", "var * float32"),
-    ("Jet_btagCSVV2", "var * float32"),
-    ("Jet_qgl", "var * float32"),
-    ("Jet_jetId", "var * int32"),
-    ("Electron_pt", "var * float32"),
-    ("Electron_eta", "var * float32"),
-    ("Electron_phi", "var * float32"),
-    ("Electron_mass", "var * float32"),
-    ("Electron_charge", "var * int32"),
-    ("Electron_cutBased", "var * int32"),
-    ("Electron_sip3d", "var * float32"),
-    ("Muon_pt", "var * float32"),
-    ("Muon_eta", "var * float32"),
-    ("Muon_phi", "var * float32"),
-    ("Muon_mass", "var * float32"),
-    ("Muon_charge", "var * int32"),
-    ("Muon_tightId", "var * bool"),
-    ("Muon_sip3d", "var * float32"),
-    ("Muon_pfRelIso04_all", "var * float32"),
-)
+#: The columns the skim returns, in order, with their awkward types as read from real 2015 NanoAOD
+#: (:data:`agc_sx.schema.SKIM_COLUMNS`). Counters (``nJet`` ...) are ``uint32`` in CMS files; files written by
+#: uproot carry ``int32`` counters, which :data:`COUNTER_TYPES` also accepts.
+OUTPUT_COLUMNS: tuple[tuple[str, str], ...] = tuple((name, typ) for name, typ, _ in SKIM_COLUMNS)
 
 #: Column names of the skim, in order.
 OUTPUT_COLUMN_NAMES: tuple[str, ...] = tuple(name for name, _ in OUTPUT_COLUMNS)
@@ -69,28 +39,9 @@ COUNTER_TYPES: frozenset[str] = frozenset({"uint32", "int32"})
 #: Each collection and its counter: the counter must equal the length of every column of the collection.
 COUNTERS: dict[str, str] = {"Jet": "nJet", "Electron": "nElectron", "Muon": "nMuon"}
 
-_MODULE_NAME = "_agc_sx_queries_skim"
-
-
-class QueryError(AgcSxError, ValueError):
-    """A query that cannot be built, or an input it cannot be run on; the message is one line."""
-
 
 def _load_skim_module() -> ModuleType:
-    if _MODULE_NAME in sys.modules:
-        return sys.modules[_MODULE_NAME]
-    path = queries_dir() / "skim.py"
-    spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
-    if spec is None or spec.loader is None:
-        raise QueryError(f"cannot load the skim query from {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_MODULE_NAME] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[_MODULE_NAME]
-        raise
-    return module
+    return importlib.import_module(f"{DATA_PACKAGE}.queries.skim")
 
 
 @contextlib.contextmanager
@@ -106,7 +57,7 @@ def _quiet_func_adl() -> Iterator[None]:
 
 
 def skim_query(tree: str = "Events") -> Any:
-    """The func_adl query object of ``queries/skim.py`` (a servicex ``FuncADL_Uproot`` stream)."""
+    """The func_adl query object of ``_data/queries/skim.py`` (a servicex ``FuncADL_Uproot`` stream)."""
     with _quiet_func_adl():
         return _load_skim_module().skim_query(tree)
 
@@ -116,11 +67,6 @@ def query_text(tree: str = "Events") -> str:
     """The qastle text of the skim, exactly what is sent to ServiceX (with a dummy input file name)."""
     with _quiet_func_adl():
         return str(skim_query(tree).generate_selection_string())
-
-
-def query_hash(text: str) -> str:
-    """sha256 of a query text: outputs made with another query are never reused."""
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=8)

@@ -32,7 +32,8 @@ import uproot.source.futures
 from uproot.source.coalesce import coalesce_requests
 from uproot.source.fsspec import FSSpecSource
 
-from .errors import AgcSxError
+from .errors import AgcSxError, RemoteReadError
+from .utils import first_line
 
 T = TypeVar("T")
 
@@ -63,7 +64,8 @@ configure_clients()
 
 def fast_inflate() -> None:
     """Inflate ROOT's ZLIB baskets with ISA-L when ``isal`` is installed: the same bytes, ~1.7x faster than zlib
-    (decompression is most of the time a skim spends reading). Writing (``uproot.ZLIB``) stays on zlib."""
+    (decompression is most of the time a skim spends reading). Writing (``uproot.ZLIB``) stays on zlib.
+    """
     import importlib.util
 
     import uproot.compression as compression
@@ -76,9 +78,6 @@ def fast_inflate() -> None:
 
 fast_inflate()
 
-
-class RemoteReadError(AgcSxError, OSError):
-    """A remote input that could not be read; the message is one line naming the file and the reason."""
 
 
 def is_remote(path: str) -> bool:
@@ -138,7 +137,7 @@ class RetryPolicy:
 
 def gave_up(path: str, attempts: int, err: BaseException) -> str:
     return (f"{path}: server {server_of(path)} unreachable, gave up after {attempts} attempts "
-            f"({_first_line(err)})")
+            f"({first_line(err)})")
 
 
 # --- classifying errors -----------------------------------------------------------------------------------------
@@ -153,10 +152,6 @@ def _chain(err: BaseException) -> list[BaseException]:
         current = current.__cause__ or current.__context__
     return seen
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].strip() if text else type(err).__name__
 
 
 #: Fragments of XRootD client messages that mean the connection, not the file, is the problem.
@@ -211,7 +206,7 @@ def certificate_hint(path: str, err: BaseException) -> str | None:
     cert = _certificate_error(err)
     if cert is None:
         return None
-    why = getattr(cert, "verify_message", None) or _first_line(cert)
+    why = getattr(cert, "verify_message", None) or first_line(cert)
     return (f"{path}: the server certificate of {server_of(path)} is not trusted ({why}); if it is your "
             "facility's, trust its CA with SSL_CERT_FILE=/path/to/ca-bundle.pem (or SSL_CERT_DIR)")
 
@@ -228,7 +223,7 @@ def explain(err: BaseException, path: str) -> str | None:
         return f"{path}: " + (f"No such file on the server {server_of(path)}" if is_remote(path)
                               else "No such file or directory")
     if is_transient(err):
-        return gave_up(path, 1, err) if is_remote(path) else f"{path}: {_first_line(err)}"
+        return gave_up(path, 1, err) if is_remote(path) else f"{path}: {first_line(err)}"
     for e in _chain(err):
         if isinstance(e, PermissionError) or "[3010]" in str(e):
             return f"{path}: permission denied"
@@ -263,7 +258,8 @@ def root_header_problem(path: str) -> str | None:
 
 def explain_any(err: BaseException, paths: Iterable[str]) -> str | None:
     """A one-line reason for a failure somewhere among ``paths`` (coffea and dask name the file in their
-    wrappers), including a damaged ROOT file; None when ``err`` is no read problem (a bug keeps its traceback)."""
+    wrappers), including a damaged ROOT file; None when ``err`` is no read problem (a bug keeps its traceback).
+    """
     chain = _chain(err)
     texts = " ".join(str(e) for e in chain)
     candidates = list(paths)
@@ -326,6 +322,7 @@ class NetworkSource(FSSpecSource):
         super().__init__(file_path, **options)
 
     def chunk(self, start: int, stop: int) -> uproot.source.chunk.Chunk:
+        """One byte range, retried as :class:`RetryPolicy` says."""
         if self.closed:
             raise OSError(f"file {self._file_path!r} is closed")
         self._num_requests += 1
@@ -336,6 +333,7 @@ class NetworkSource(FSSpecSource):
         return uproot.source.chunk.Chunk(self, start, stop, uproot.source.futures.TrivialFuture(data))
 
     def chunks(self, ranges: list[tuple[int, int]], notifications: queue.Queue[Any]) -> list[uproot.source.chunk.Chunk]:
+        """Several byte ranges, coalesced into few requests where the filesystem reads ranges concurrently."""
         if not self._async_impl or not hasattr(self._fs, "_cat_ranges"):
             return super().chunks(ranges, notifications)
         if self.closed:

@@ -1,26 +1,27 @@
-"""Locate the files agc-sx ships: the query source, the sample catalogue and the BDT models.
+"""The files agc-sx ships, found one way: package data under ``agc_sx/_data`` (:mod:`importlib.resources`).
 
-From a checkout they live at the top of the repository; a wheel carries them as package data under
-``agc_sx/_data`` (hatch ``force-include``). Looking in both places makes ``agc-sx`` work from any folder.
+``_data/queries/skim.py`` is the func_adl query (a real module: func_adl reads its lambdas from source),
+``_data/ntuples.json`` the AGC 2015 catalogue and ``_data/models/`` the crossed BDT pair.
 """
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+#: The package that holds the data (importable, so the query module is imported like any other).
+DATA_PACKAGE = "agc_sx._data"
 
 
 def _find(name: str) -> Path:
-    for base in (_PACKAGE_DIR / "_data", _PACKAGE_DIR.parent):
-        candidate = base / name
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(f"agc-sx installation is missing its bundled '{name}' (looked in {_PACKAGE_DIR})")
+    path = Path(str(files(DATA_PACKAGE) / name))
+    if not path.exists():
+        raise FileNotFoundError(f"agc-sx installation is missing its bundled '{name}' (looked in {path.parent})")
+    return path
 
 
 def queries_dir() -> Path:
-    """Folder holding the func_adl query source (``queries/``)."""
+    """Folder holding the func_adl query source (``skim.py``)."""
     return _find("queries")
 
 

@@ -18,42 +18,53 @@ from typing import Any
 import numpy as np
 from coffea.nanoevents.schemas.base import BaseSchema, zip_forms
 
-from .errors import AgcSxError
+from .errors import SchemaError
 
 #: Collections zipped by the schema, in output order.
 COLLECTIONS: tuple[str, ...] = ("Jet", "Electron", "Muon")
 
+#: The skim's columns, in order: name, awkward type as read from real 2015 NanoAOD, and who reads them
+#: (``"all"``: every run; ``"ml"``: only the BDT reconstruction; ``""``: delivered, read by no stage of agc-sx,
+#: e.g. the counters coffea's NanoAOD schema needs and the charges). The one column contract: the query's
+#: output (:data:`agc_sx.query.OUTPUT_COLUMNS`), the processor's reads and the BDT training's are taken from it.
+SKIM_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("run", "uint32", "all"),
+    ("luminosityBlock", "uint32", "all"),
+    ("event", "uint64", "all"),
+    ("nJet", "uint32", ""),
+    ("nElectron", "uint32", ""),
+    ("nMuon", "uint32", ""),
+    ("Jet_pt", "var * float32", "all"),
+    ("Jet_eta", "var * float32", "all"),
+    ("Jet_phi", "var * float32", "all"),
+    ("Jet_mass", "var * float32", "all"),
+    ("Jet_btagCSVV2", "var * float32", "all"),
+    ("Jet_qgl", "var * float32", "ml"),
+    ("Jet_jetId", "var * int32", "all"),
+    ("Electron_pt", "var * float32", "all"),
+    ("Electron_eta", "var * float32", "all"),
+    ("Electron_phi", "var * float32", "ml"),
+    ("Electron_mass", "var * float32", "ml"),
+    ("Electron_charge", "var * int32", ""),
+    ("Electron_cutBased", "var * int32", "all"),
+    ("Electron_sip3d", "var * float32", "all"),
+    ("Muon_pt", "var * float32", "all"),
+    ("Muon_eta", "var * float32", "all"),
+    ("Muon_phi", "var * float32", "ml"),
+    ("Muon_mass", "var * float32", "ml"),
+    ("Muon_charge", "var * int32", ""),
+    ("Muon_tightId", "var * bool", "all"),
+    ("Muon_sip3d", "var * float32", "all"),
+    ("Muon_pfRelIso04_all", "var * float32", "all"),
+)
+
 #: Every column the processor may read: name -> (jagged?, numpy dtype).
 COLUMNS: dict[str, tuple[bool, str]] = {
-    "run": (False, "uint32"),
-    "luminosityBlock": (False, "uint32"),
-    "event": (False, "uint64"),
-    "Jet_pt": (True, "float32"),
-    "Jet_eta": (True, "float32"),
-    "Jet_phi": (True, "float32"),
-    "Jet_mass": (True, "float32"),
-    "Jet_btagCSVV2": (True, "float32"),
-    "Jet_qgl": (True, "float32"),
-    "Jet_jetId": (True, "int32"),
-    "Electron_pt": (True, "float32"),
-    "Electron_eta": (True, "float32"),
-    "Electron_phi": (True, "float32"),
-    "Electron_mass": (True, "float32"),
-    "Electron_cutBased": (True, "int32"),
-    "Electron_sip3d": (True, "float32"),
-    "Muon_pt": (True, "float32"),
-    "Muon_eta": (True, "float32"),
-    "Muon_phi": (True, "float32"),
-    "Muon_mass": (True, "float32"),
-    "Muon_tightId": (True, "bool"),
-    "Muon_sip3d": (True, "float32"),
-    "Muon_pfRelIso04_all": (True, "float32"),
+    name: (typ.startswith("var * "), typ.removeprefix("var * ")) for name, typ, use in SKIM_COLUMNS if use
 }
 
 #: Columns only the BDT reconstruction reads (``--no-ml`` does not need them).
-ML_ONLY_COLUMNS: frozenset[str] = frozenset(
-    {"Jet_qgl", "Electron_phi", "Electron_mass", "Muon_phi", "Muon_mass"}
-)
+ML_ONLY_COLUMNS: frozenset[str] = frozenset(name for name, _, use in SKIM_COLUMNS if use == "ml")
 
 
 def needed_columns(ml: bool) -> list[str]:
@@ -61,8 +72,11 @@ def needed_columns(ml: bool) -> list[str]:
     return [c for c in COLUMNS if ml or c not in ML_ONLY_COLUMNS]
 
 
-class SchemaError(AgcSxError, ValueError):
-    """A parquet file that lacks a needed column or stores one with the wrong type."""
+def collection_fields(collection: str, ml: bool) -> tuple[str, ...]:
+    """Fields of ``collection`` (``"Jet"``) a run reads, e.g. ``("pt", "eta", ...)``, in contract order."""
+    prefix = f"{collection}_"
+    return tuple(c.removeprefix(prefix) for c in needed_columns(ml) if c.startswith(prefix))
+
 
 
 def arrow_type_string(arrow_type: Any) -> str:

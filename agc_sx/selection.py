@@ -57,6 +57,7 @@ class Collection:
 
     @property
     def counts(self) -> np.ndarray:
+        """Objects per event."""
         return np.diff(self.offsets)
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -172,7 +173,8 @@ def _jet_eta_id(jets: Collection) -> np.ndarray:
 
 def jet_mask_fixed(jets: Collection) -> np.ndarray:
     """The pT-independent part of the jet selection: |eta| < 2.4, tight-lepton-veto ID (jetId bit 2), and
-    finite pT, eta, phi, mass and b-tag score (see :func:`_finite`)."""
+    finite pT, eta, phi, mass and b-tag score (see :func:`_finite`).
+    """
     return _jet_eta_id(jets) & _finite(jets, ("pt", "eta", "phi", "mass", "btagCSVV2"))
 
 
@@ -183,7 +185,8 @@ def btag_mask(jets: Collection) -> np.ndarray:
 
 def jet_mask(jet_pt: np.ndarray, fixed_mask: np.ndarray) -> np.ndarray:
     """The full per-jet selection for one jet variation: pT > 30 in the column's precision (float32 for the
-    nominal column, float64 for varied ones, as the compiled kernel compares) and the pT-independent cuts."""
+    nominal column, float64 for varied ones, as the compiled kernel compares) and the pT-independent cuts.
+    """
     return np.asarray((jet_pt > JET_PT_MIN) & fixed_mask)
 
 
@@ -197,6 +200,7 @@ class LeptonSelection:
 
 
 def select_leptons(electrons: Collection, muons: Collection) -> LeptonSelection:
+    """The selected electrons and muons and the per-event exactly-one-lepton flag."""
     ele = electron_mask(electrons)
     mu = muon_mask(muons)
     n_lep = per_event_count(electrons.offsets, ele) + per_event_count(muons.offsets, mu)
@@ -265,6 +269,7 @@ class VariationSelection:
     lead_pt: np.ndarray
 
     def in_region(self, variation: int, region: str) -> np.ndarray:
+        """Per-event mask of ``region`` for jet variation number ``variation``."""
         return np.asarray(self.region[variation] == REGION_CODES[region])
 
 

@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from .catalogue import Catalog
+from .delivery import deliver
 from .delivery.common import DeliveryError, DeliveryReport, open_delivery
-from .errors import AgcSxError
+from .errors import StreamError
 from .manifest import Manifest, ManifestError, OutputFile, contained
+from .options import BACKENDS, one_of
 from .processor import (
     ChunkResult,
+    RunInfo,
     RunResult,
     analyse_file,
     check_models,
@@ -39,7 +42,7 @@ from .processor import (
     resolve_models_dir,
     write_outputs,
 )
-from .query import query_hash, query_text
+from .query import query_text
 from .schema import check_parquet_schema, needed_columns
 from .utils import atomic_write_text, sha256_text
 
@@ -48,9 +51,6 @@ CHECKPOINT_FORMAT = "agc-sx streaming checkpoint"
 CHECKPOINT_VERSION = 2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
-
-class StreamError(AgcSxError, RuntimeError):
-    """A streaming run that could not produce complete histograms; the message is one line per problem."""
 
 
 @dataclass
@@ -133,14 +133,8 @@ def _start_delivery(backend: str, catalog: Catalog, output_dir: Path, *, workers
 
     def target() -> None:
         try:
-            if backend == "local":
-                from .delivery.local import deliver_local
-
-                outcome["report"] = deliver_local(catalog, output_dir, workers=workers, force=force, quiet=True)
-            else:
-                from .delivery.servicex_backend import deliver_servicex
-
-                outcome["report"] = deliver_servicex(catalog, output_dir, force=force, quiet=True, **servicex)
+            outcome["report"] = deliver(catalog, output_dir, backend=backend, workers=workers, force=force,
+                                        quiet=True, servicex=servicex)
         except BaseException as err:  # handed to the main thread, which reports it
             outcome["error"] = err
         finally:
@@ -181,165 +175,190 @@ def run_streaming(
 ) -> RunResult:
     """Deliver ``catalog`` into ``output_dir`` and process each file while the rest is still being delivered.
 
-    The result equals ``deliver`` followed by ``process`` on the same inputs. ``on_accumulated`` is called with
-    the relative output path after each file's contribution has been checkpointed.
+    The result equals ``deliver`` followed by ``process`` on the same inputs.
+
+    Args:
+        catalog: the samples to deliver and process.
+        output_dir: the delivery folder; the checkpoint lives there too.
+        backend: one of :data:`agc_sx.options.BACKENDS`.
+        output: path of histograms.root (histograms_ml.root and metrics.json go beside it).
+        workers: processor worker processes (and local-backend delivery workers).
+        ml: fill the BDT observables.
+        models_dir: the BDT models; default the bundled ones.
+        force: ignore the checkpoint and redo every delivery.
+        quiet: no progress bar, no notes.
+        poll_interval: seconds between looks at the manifest.
+        servicex: keyword options of the ServiceX backend.
+        on_accumulated: called with the relative output path after each file's contribution is checkpointed.
     """
-    if backend not in ("servicex", "local"):
-        raise StreamError(f"unknown backend {backend!r} (choose servicex or local)")
+    if (problem := one_of("backend", backend, BACKENDS)) is not None:
+        raise StreamError(problem)
     if workers < 1:
         raise StreamError("--workers must be at least 1")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    wall0, clock0 = time.perf_counter(), time.time()
-    if ml:
-        check_models(models_dir)
-
-    jobs = {s.name: _Job(s.name, s.process, s.variation, s.weight, frozenset(f.path for f in s.files))
-            for s in catalog}
-    for job in jobs.values():
-        if job.weight == 0.0:
-            raise StreamError(f"sample {job.sample} has no input events to normalise to")
-    query_sha = query_hash(query_text())
-    key = _configuration_key(jobs, query_sha, ml, _models_fingerprint(models_dir) if ml else None)
-    checkpoint_path = output_dir / CHECKPOINT_NAME
-    state, why = (None, None) if force else _Checkpoint.load(checkpoint_path, key)
-    if why and not quiet:
-        print(f"agc-sx: note: {why}", file=sys.stderr)
-    resumed = state is not None and bool(state.accumulated)
-    state = state or _Checkpoint(key)
-    state.save(checkpoint_path)
-    columns = needed_columns(ml)
-
-    delivery, outcome = _start_delivery(backend, catalog, output_dir, workers=workers, force=force,
+    stream = _Stream(catalog, Path(output_dir), ml=ml, models_dir=models_dir, force=force, quiet=quiet,
+                     on_accumulated=on_accumulated)
+    delivery, outcome = _start_delivery(backend, catalog, stream.output_dir, workers=workers, force=force,
                                         servicex=servicex or {})
-    in_flight: dict[Future[tuple[ChunkResult, float, float]], OutputFile] = {}
-    busy: list[tuple[float, float]] = []
-    problems: dict[str, str] = {}
-    total_files = sum(len(j.inputs) for j in jobs.values())
-    progress = _Progress(total_files, quiet)
-    progress.update(len(state.accumulated))
-
-    def scan(pool: ProcessPoolExecutor) -> None:
-        try:
-            manifest = Manifest.load(output_dir)
-        except ManifestError:
-            return  # not written yet
-        for name, job in jobs.items():
-            record = manifest.samples.get(name)
-            if record is None:
-                continue
-            for out in record.outputs:
-                if out.input not in job.inputs:
-                    continue
-                if out.file in state.accumulated:
-                    if state.accumulated[out.file] != out.sha256:
-                        raise StreamError(f"{out.file} was delivered again with other content after it was "
-                                          "accumulated; start afresh with --force")
-                    continue
-                if any(o.file == out.file for o in in_flight.values()):
-                    continue
-                problem = out.verify(output_dir)
-                if problem is None:
-                    try:
-                        check_parquet_schema(contained(output_dir, out.file), columns)
-                    except ValueError as err:
-                        problem = str(err)
-                if problem is not None:
-                    problems[out.file] = problem  # may be re-delivered; checked again at the end
-                    continue
-                problems.pop(out.file, None)
-                in_flight[pool.submit(_timed_analyse, str(contained(output_dir, out.file)), job.process,
-                                      job.variation, job.weight, ml, models_dir, name)] = out
-
-    def collect(timeout: float) -> None:
-        if not in_flight:
-            time.sleep(timeout)
-            return
-        done, _ = wait(list(in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
-        for future in done:
-            out = in_flight.pop(future)
-            try:
-                result, started, ended = future.result()
-            except Exception:
-                # a backend may withdraw a stored file when its sample fails afterwards: not an error here,
-                # the file is simply not accumulated; anything else ends the run (the checkpoint keeps the rest)
-                if out.verify(output_dir) is not None:
-                    problems[out.file] = "withdrawn by the delivery before it was processed"
-                    continue
-                raise
-            busy.append((started, ended))
-            state.result += result
-            state.accumulated[out.file] = out.sha256
-            state.save(checkpoint_path)
-            progress.update(len(state.accumulated))
-            if on_accumulated is not None:
-                on_accumulated(out.file)
-
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver")) as pool:
             while delivery.is_alive():
-                scan(pool)
-                collect(poll_interval)
-            scan(pool)  # what landed between the last scan and the end of the delivery
-            while in_flight:
-                collect(poll_interval)
+                stream.scan(pool)
+                stream.collect(poll_interval)
+            stream.scan(pool)  # what landed between the last scan and the end of the delivery
+            while stream.in_flight:
+                stream.collect(poll_interval)
     finally:
-        progress.close()
+        stream.progress.close()
     delivery.join()
     if "error" in outcome:
         err = outcome["error"]
         if isinstance(err, (DeliveryError, ValueError, OSError)):
             raise StreamError(f"delivery failed: {err}") from None
         raise err
+    return stream.finish(outcome["report"], outcome["end"], backend=backend, output=Path(output), workers=workers)
 
-    report: DeliveryReport = outcome["report"]
-    missing = []
-    for name, job in jobs.items():
-        outputs = [o for o in report.manifest.samples[name].outputs if o.input in job.inputs]
-        delivered = {o.input for o in outputs}
-        missing += [f"{name}: {path}: not delivered" for path in sorted(job.inputs - delivered)]
-        missing += [f"{name}: {o.file}: not accumulated" for o in outputs if o.file not in state.accumulated]
-    if missing or not report.ok:
-        lines = report.failures or missing
-        lines += [f"{file}: {why}" for file, why in sorted(problems.items())]
-        raise StreamError(
-            "incomplete, the histograms are not written (re-run to fetch and process only what is missing):\n"
-            + "\n".join(lines)
+
+class _Stream:
+    """The state of one streaming run: the checkpoint, the files in flight and what went wrong with any.
+
+    :meth:`scan` sends every newly verified output to the pool, :meth:`collect` adds finished ones to the
+    checkpoint, :meth:`finish` checks that everything was delivered and accumulated and writes the outputs.
+    """
+
+    def __init__(self, catalog: Catalog, output_dir: Path, *, ml: bool, models_dir: Path | None, force: bool,
+                 quiet: bool, on_accumulated: Callable[[str], None] | None) -> None:
+        self.output_dir = output_dir
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.wall0, self.clock0 = time.perf_counter(), time.time()
+        self.ml, self.models_dir, self.on_accumulated = ml, models_dir, on_accumulated
+        if ml:
+            check_models(models_dir)
+        self.jobs = {s.name: _Job(s.name, s.process, s.variation, s.weight, frozenset(f.path for f in s.files))
+                     for s in catalog}
+        key = _configuration_key(self.jobs, sha256_text(query_text()), ml,
+                                 _models_fingerprint(models_dir) if ml else None)
+        self.checkpoint_path = output_dir / CHECKPOINT_NAME
+        state, why = (None, None) if force else _Checkpoint.load(self.checkpoint_path, key)
+        if why and not quiet:
+            print(f"agc-sx: note: {why}", file=sys.stderr)
+        self.resumed = state is not None and bool(state.accumulated)
+        self.state = state or _Checkpoint(key)
+        self.state.save(self.checkpoint_path)
+        self.columns = needed_columns(ml)
+        self.in_flight: dict[Future[tuple[ChunkResult, float, float]], OutputFile] = {}
+        self.busy: list[tuple[float, float]] = []
+        self.problems: dict[str, str] = {}
+        self.progress = _Progress(sum(len(j.inputs) for j in self.jobs.values()), quiet)
+        self.progress.update(len(self.state.accumulated))
+
+    def scan(self, pool: ProcessPoolExecutor) -> None:
+        """Submit every verified output of the manifest that is neither accumulated nor in flight."""
+        try:
+            manifest = Manifest.load(self.output_dir)
+        except ManifestError:
+            return  # not written yet
+        accumulated = self.state.accumulated
+        for name, job in self.jobs.items():
+            record = manifest.samples.get(name)
+            if record is None:
+                continue
+            for out in record.outputs:
+                if out.input not in job.inputs:
+                    continue
+                if out.file in accumulated:
+                    if accumulated[out.file] != out.sha256:
+                        raise StreamError(f"{out.file} was delivered again with other content after it was "
+                                          "accumulated; start afresh with --force")
+                    continue
+                if any(o.file == out.file for o in self.in_flight.values()):
+                    continue
+                problem = out.verify(self.output_dir)
+                if problem is None:
+                    try:
+                        check_parquet_schema(contained(self.output_dir, out.file), self.columns)
+                    except ValueError as err:
+                        problem = str(err)
+                if problem is not None:
+                    self.problems[out.file] = problem  # may be re-delivered; checked again at the end
+                    continue
+                self.problems.pop(out.file, None)
+                future = pool.submit(_timed_analyse, str(contained(self.output_dir, out.file)), job.process,
+                                     job.variation, job.weight, self.ml, self.models_dir, name)
+                self.in_flight[future] = out
+
+    def collect(self, timeout: float) -> None:
+        """Add the files finished within ``timeout`` seconds to the checkpoint, one atomic write each."""
+        if not self.in_flight:
+            time.sleep(timeout)
+            return
+        done, _ = wait(list(self.in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in done:
+            out = self.in_flight.pop(future)
+            try:
+                result, started, ended = future.result()
+            except Exception:
+                # a backend may withdraw a stored file when its sample fails afterwards: not an error here,
+                # the file is simply not accumulated; anything else ends the run (the checkpoint keeps the rest)
+                if out.verify(self.output_dir) is not None:
+                    self.problems[out.file] = "withdrawn by the delivery before it was processed"
+                    continue
+                raise
+            self.busy.append((started, ended))
+            self.state.result += result
+            self.state.accumulated[out.file] = out.sha256
+            self.state.save(self.checkpoint_path)
+            self.progress.update(len(self.state.accumulated))
+            if self.on_accumulated is not None:
+                self.on_accumulated(out.file)
+
+    def finish(self, report: DeliveryReport, delivery_end: float, *, backend: str, output: Path,
+               workers: int) -> RunResult:
+        """Refuse an incomplete run (one line per missing file), else write the outputs and note them."""
+        accumulated = self.state.accumulated
+        missing = []
+        for name, job in self.jobs.items():
+            outputs = [o for o in report.manifest.samples[name].outputs if o.input in job.inputs]
+            delivered = {o.input for o in outputs}
+            missing += [f"{name}: {path}: not delivered" for path in sorted(job.inputs - delivered)]
+            missing += [f"{name}: {o.file}: not accumulated" for o in outputs if o.file not in accumulated]
+        if missing or not report.ok:
+            lines = report.failures or missing
+            lines += [f"{file}: {why}" for file, why in sorted(self.problems.items())]
+            raise StreamError(
+                "incomplete, the histograms are not written (re-run to fetch and process only what is missing):\n"
+                + "\n".join(lines)
+            )
+        processing_seconds = sum(b - a for a, b in self.busy)
+        overlap = _overlap(self.busy, self.clock0, delivery_end)
+        info = RunInfo(
+            pipeline=f"streaming ({backend})", input=str(self.output_dir.resolve()),
+            samples={name: (job.process, job.variation, job.weight) for name, job in self.jobs.items()},
+            rows={name: report.manifest.samples[name].rows for name in self.jobs}, files=len(accumulated),
+            # the same measure as agc-sx process: compressed bytes of the columns read
+            bytes_read=sum(parquet_column_bytes(contained(self.output_dir, f), self.columns) for f in accumulated),
+            columns=self.columns, executor="streaming", workers=workers, started=self.wall0, ml=self.ml,
+            extra={
+                "backend": backend,
+                "resumed_from_checkpoint": self.resumed,
+                "files_accumulated": len(accumulated),
+                "files_processed_this_run": len(self.busy),
+                "delivery_wall_seconds": delivery_end - self.clock0,
+                "processing_seconds": processing_seconds,
+                "processing_overlapping_delivery_seconds": overlap,
+                "overlap_fraction": overlap / processing_seconds if processing_seconds > 0 else None,
+                # what the local delivery read from remote inputs (root://, https://) in this run
+                "bytes_read_network": report.bytes_read if backend == "local" else None,
+            },
         )
-
-    delivery_seconds = outcome["end"] - clock0
-    processing_seconds = sum(b - a for a, b in busy)
-    overlap = _overlap(busy, clock0, outcome["end"])
-    stream_metrics = {
-        "pipeline": f"streaming ({backend})",
-        "backend": backend,
-        "resumed_from_checkpoint": resumed,
-        "files_accumulated": len(state.accumulated),
-        "files_processed_this_run": len(busy),
-        "delivery_wall_seconds": delivery_seconds,
-        "processing_seconds": processing_seconds,
-        "processing_overlapping_delivery_seconds": overlap,
-        "overlap_fraction": overlap / processing_seconds if processing_seconds > 0 else None,
-        # what the local delivery read from remote inputs (root://, https://) in this run
-        "bytes_read_network": report.bytes_read if backend == "local" else None,
-    }
-    samples = {name: (job.process, job.variation, job.weight) for name, job in jobs.items()}
-    rows = {name: report.manifest.samples[name].rows for name in jobs}
-    # the same measure as agc-sx process: compressed bytes of the columns read
-    bytes_read = sum(parquet_column_bytes(contained(output_dir, f), columns) for f in state.accumulated)
-    result = write_outputs(
-        state.result, output, ml=ml, started=wall0, samples=samples, rows=rows, files=len(state.accumulated),
-        bytes_read=bytes_read, columns=columns, executor="streaming", workers=workers,
-        extra={"input": str(output_dir.resolve()), **stream_metrics},
-    )
-    with open_delivery(output_dir, None, None) as manifest:
-        manifest.extra["stream"] = {
-            "checkpoint": CHECKPOINT_NAME,
-            "accumulated": sorted(state.accumulated),
-            "output": str(Path(output).resolve()),
-        }
-        manifest.save()
-    return result
+        result = write_outputs(self.state.result, output, info)
+        with open_delivery(self.output_dir, None, None) as manifest:
+            manifest.extra["stream"] = {
+                "checkpoint": CHECKPOINT_NAME,
+                "accumulated": sorted(accumulated),
+                "output": str(output.resolve()),
+            }
+            manifest.save()
+        return result
 
 
 class _Progress:

@@ -1,8 +1,9 @@
-"""Small helpers shared by every stage: atomic writes and checksums."""
+"""Small helpers shared by every stage: atomic writes, checksums, one-line error messages."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -13,8 +14,27 @@ from pathlib import Path
 #: Suffix of files being written; a run that dies leaves only names like this behind, never a final name.
 PARTIAL_SUFFIX = ".part"
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+@functools.cache
+def _new_file_mode() -> int:
+    """``0o666`` minus the umask: the mode ``open()`` gives a new file (``mkstemp`` gives ``0o600``).
+
+    Read from ``/proc`` where it can be: setting the umask to read it would race with other threads.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def first_line(err: object) -> str:
+    """The first line of an error's message, or its type name when it has none: what a user is shown."""
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
 
 
 @contextlib.contextmanager
@@ -27,7 +47,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     try:
         yield tmp_path
         # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
+        os.chmod(tmp_path, _new_file_mode())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -35,6 +55,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically (temporary file, then rename)."""
     with atomic_path(target) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -42,10 +63,12 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
 
 
 def atomic_write_text(target: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``target`` atomically."""
     atomic_write_bytes(target, text.encode())
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk``-byte pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -54,6 +77,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def sha256_text(text: str) -> str:
+    """Hex SHA-256 of ``text`` (UTF-8): the fingerprint of queries and configurations."""
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -108,7 +132,7 @@ class OutputSet:
     def commit(self) -> None:
         """Move every written member into place and remove the members that were not written."""
         for tmp in self._temps.values():
-            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.chmod(tmp, _new_file_mode())
         journal = {
             "replace": {name: tmp.name for name, tmp in self._temps.items()},
             "remove": [name for name in self.members if name not in self._temps],

@@ -184,8 +184,8 @@ def rescore(models: BDTModels, booster: xgb.Booster, features: np.ndarray, rows:
 def choice_side_by_side(label: str, ev: Any, model_dir: Path, rounds: int) -> None:
     """The BDT choice on one core, full xgboost vs pruned, on the parity blocks ``best_permutation_features``
     scores (feature building excluded: it is the same for both)."""
-    full, pruned = BDTModels.load(model_dir), BDTModels.load(model_dir)
-    full.argmax = "full"
+    full, pruned = BDTModels.load(model_dir, argmax="full"), BDTModels.load(model_dir, argmax="pruned")
+    print(f"{label}: agc-sx process takes the {BDTModels.load(model_dir).argmax_path} path")
     flat = FlatEvents(ev.jets, ev.lepton)
     even = ev.event % 2 == 0
     blocks = []

@@ -30,12 +30,11 @@ from agc_sx.fit import (
     FitError,
     build_config,
     optional_keys,
-    read_histogram,
-    rebin_for_fit,
     required_keys,
     run_fit,
     validate_config,
 )
+from agc_sx.histograms import read_histogram, rebin_for_fit
 
 EDGES = np.linspace(*HIST_RANGE, HIST_BINS + 1)
 CENTRES = 0.5 * (EDGES[1:] + EDGES[:-1])

@@ -18,12 +18,12 @@ from agc_sx.query import (
     column_types,
     empty_skim,
     execute,
-    query_hash,
     query_text,
     schema_problems,
     skim_query,
 )
 from agc_sx.resources import queries_dir
+from agc_sx.utils import sha256_text
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,11 @@ def test_query_selects_exactly_the_listed_columns(skim_branches: tuple[str, ...]
     assert [name for name, _ in OUTPUT_COLUMNS] == keys
 
 
-def test_query_hash_is_sha256_of_the_text() -> None:
+def test_query_fingerprint_is_sha256_of_the_text() -> None:
     text = query_text()
-    assert query_hash(text) == query_hash(str(text))
-    assert re.fullmatch(r"[0-9a-f]{64}", query_hash(text))
-    assert query_hash(text) != query_hash(text.replace("25.0", "30.0"))
+    assert sha256_text(text) == sha256_text(str(text))
+    assert re.fullmatch(r"[0-9a-f]{64}", sha256_text(text))
+    assert sha256_text(text) != sha256_text(text.replace("25.0", "30.0"))
     assert query_text("Other") != text and "'Other'" in query_text("Other")
 
 

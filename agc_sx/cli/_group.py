@@ -13,6 +13,7 @@ import click
 
 from .. import __version__
 from ..errors import AgcSxError, Interrupted
+from ..options import BACKENDS
 
 if TYPE_CHECKING:
     from ..catalogue import Catalog
@@ -54,7 +55,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def _exit_now(code: int) -> NoReturn:
     """Exit at once after Ctrl-C, once everything is recorded: the servicex client leaves worker threads
     behind that the interpreter would otherwise wait for (seconds under load). Inside a test runner, whose
-    streams replace the process's own, it is a normal exit."""
+    streams replace the process's own, it is a normal exit.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     if sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
@@ -64,7 +66,8 @@ def _exit_now(code: int) -> NoReturn:
 
 def user_errors(*extra: type[BaseException]) -> Callable[[F], F]:
     """Turn :class:`~agc_sx.errors.AgcSxError` (and the ``extra`` types) into one ``agc-sx: error: ...`` line
-    and exit code 1; anything else is a bug and keeps its traceback."""
+    and exit code 1; anything else is a bug and keeps its traceback.
+    """
     kinds: tuple[type[BaseException], ...] = (AgcSxError, *extra)
 
     def deco(func: F) -> F:
@@ -108,7 +111,8 @@ def catalog_options(func: F) -> F:
 
 def prefix_options(func: F) -> F:
     """``--prefix-from A --prefix-to B``: read the catalogue's files through another door (EOS, an XCache, a
-    redirector) without rewriting it; the same spelling as ``agc-sx catalog import``."""
+    redirector) without rewriting it; the same spelling as ``agc-sx catalog import``.
+    """
     for option in reversed((
         click.option("--prefix-from", metavar="A", default=None,
                      help="Read catalogue paths starting with A ..."),
@@ -144,7 +148,7 @@ def servicex_options(func: F) -> F:
 def delivery_options(func: F) -> F:
     """``--backend`` and ``--output-dir``: where the skim runs and where its outputs and manifest go."""
     for option in reversed((
-        click.option("--backend", type=click.Choice(["servicex", "local"]), default="servicex", show_default=True,
+        click.option("--backend", type=click.Choice(BACKENDS), default="servicex", show_default=True,
                      help="Run the skim on a ServiceX server, or here through the same func-adl-uproot code path."),
         click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
                      default=Path("outputs_databinder"), show_default=True,

@@ -8,6 +8,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from ..delivery.common import DeliveryReport
+from ..options import DATASET_TYPES
 from ._group import (
     catalog_options,
     delivery_options,
@@ -39,7 +41,7 @@ _SERVICEX_ONLY = (
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--show-query", is_flag=True, help="Print the qastle text that would be sent, and exit.")
 @servicex_options
-@click.option("--dataset-type", type=click.Choice(["filelist", "rucio", "cernopendata"]), default="filelist",
+@click.option("--dataset-type", type=click.Choice(DATASET_TYPES), default="filelist",
               show_default=True, help="ServiceX: how catalogue paths are handed to the server.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="ServiceX: a servicex-databinder style YAML (General/Sample) instead of the catalogue.")
@@ -94,15 +96,11 @@ def deliver(
         _finish(report)
         return
 
-    catalog = select_catalog(catalog_path, n_files, samples, prefix_from, prefix_to)
-    if backend == "local":
-        from ..delivery.local import deliver_local
+    from ..delivery import deliver as deliver_catalog
 
-        report = deliver_local(catalog, output_dir, workers=workers, force=force, quiet=quiet)
-    else:
-        report = _servicex_backend().deliver_servicex(catalog, output_dir, force=force, quiet=quiet,
-                                                      **servicex_options)
-    _finish(report)
+    catalog = select_catalog(catalog_path, n_files, samples, prefix_from, prefix_to)
+    _finish(deliver_catalog(catalog, output_dir, backend=backend, workers=workers, force=force, quiet=quiet,
+                            servicex=servicex_options))
 
 
 def _servicex_backend() -> Any:
@@ -114,10 +112,10 @@ def _servicex_backend() -> Any:
     return servicex_backend
 
 
-def _finish(report: Any) -> None:
+def _finish(report: DeliveryReport) -> None:
     """Summary line when everything is delivered; otherwise one line per failed input and exit code 1."""
-    failures: list[str] = list(getattr(report, "failures", None) or getattr(report, "lines", None) or [])
-    summary = report.summary() if hasattr(report, "summary") else None
+    failures = list(report.failures)
+    summary = report.summary()
     if report.ok:
         click.echo(summary or "delivery complete")
         return

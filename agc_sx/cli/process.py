@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..options import EXECUTORS
 from ._group import fail, main, prefix_options, select_catalog, user_errors, workers_option
-
-_EXECUTORS = ("iterative", "futures", "dask")
 
 
 @main.command("process")
@@ -24,7 +23,7 @@ _EXECUTORS = ("iterative", "futures", "dask")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("histograms.root"),
               show_default=True,
               help="Histograms file to write; histograms_ml.root and metrics.json go beside it.")
-@click.option("--executor", type=click.Choice(_EXECUTORS), default="futures", show_default=True,
+@click.option("--executor", type=click.Choice(EXECUTORS), default="futures", show_default=True,
               help="coffea executor: in this process, a process pool (one process with --workers 1), or Dask.")
 @workers_option("Worker processes (futures, local Dask cluster); xgboost threads with iterative")
 @click.option("--scheduler", metavar="ADDRESS", default=None,
@@ -45,7 +44,8 @@ def process(input_dir: Path | None, catalog_path: Path | None, n_files: int | No
             scheduler: str | None, chunksize: int | None,
             allow_incomplete: bool, no_ml: bool, models_dir: Path | None, io_only: bool, quiet: bool) -> None:
     """Process the delivered skim in DIR (or, with --catalog, the NanoAOD files directly) into AGC histograms
-    (regions, systematics, BDT observables)."""
+    (regions, systematics, BDT observables).
+    """
     from ..processor import run_direct, run_processor
 
     if input_dir is not None and catalog_path is not None:

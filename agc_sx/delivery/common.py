@@ -31,7 +31,7 @@ from pathlib import Path
 import awkward as ak
 
 from ..catalogue import Catalog, InputFile, Sample
-from ..errors import AgcSxError
+from ..errors import DeliveryError
 from ..manifest import (
     Manifest,
     ManifestError,
@@ -43,13 +43,19 @@ from ..manifest import (
 )
 from ..query import OUTPUT_COLUMN_NAMES, empty_skim, schema_problems
 from ..schema import parquet_column_types
-from ..utils import PARTIAL_SUFFIX, atomic_path, sha256_file
+from ..utils import PARTIAL_SUFFIX, atomic_path, first_line, sha256_file
 
 LOCK_NAME = ".agc-sx-deliver.lock"
 
 
-class DeliveryError(AgcSxError, RuntimeError):
-    """A delivery that cannot start or an output that fails its checks; the message is one line."""
+
+@dataclass(frozen=True)
+class Job:
+    """One sample to deliver by a server: the sample (its files or dataset ids) and the qastle to run."""
+
+    sample: Sample
+    qastle: str
+    dataset_type: str = "filelist"  # one of agc_sx.options.DATASET_TYPES
 
 
 # --- the report ------------------------------------------------------------------------------------------------
@@ -68,6 +74,7 @@ class DeliveryReport:
 
     @property
     def ok(self) -> bool:
+        """Every sample complete and no input failed."""
         return not self.failures and all(
             self.manifest.samples[name].status == "complete" for name in self.samples
         )
@@ -86,6 +93,7 @@ class DeliveryReport:
         return cls(manifest, names, failures, delivered, reused)
 
     def summary(self) -> str:
+        """One line for people: status, outputs, events after the skim and unskimmed events."""
         records = [self.manifest.samples[n] for n in self.samples]
         n_out = sum(len(r.outputs) for r in records)
         rows = sum(r.rows for r in records)
@@ -302,7 +310,7 @@ def verify_parquet(path: Path, expected_columns: Sequence[str] | None = OUTPUT_C
     try:
         array = ak.from_parquet(path)
     except Exception as err:  # pyarrow raises many unrelated types for damaged files
-        raise DeliveryError(f"unreadable parquet ({type(err).__name__}: {_first_line(err)})") from None
+        raise DeliveryError(f"unreadable parquet ({type(err).__name__}: {first_line(err)})") from None
     problems: list[str] = []
     if expected_columns is None:
         pass
@@ -427,7 +435,7 @@ def _is_empty_without_schema(path: Path) -> bool:
 
 def record_failure(manifest: Manifest, plan: Plan, input_file: InputFile, error: object) -> None:
     """Record that ``input_file`` was not delivered (first line of ``error``) and save the manifest."""
-    plan.record.set_failed(input_file.path, input_file.nevts, _first_line(error))
+    plan.record.set_failed(input_file.path, input_file.nevts, first_line(error))
     manifest.save()
 
 
@@ -439,7 +447,3 @@ def finish_sample(manifest: Manifest, plan: Plan) -> None:
     record.outputs.sort(key=lambda o: o.file)
     manifest.save()
 
-
-def _first_line(err: object) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

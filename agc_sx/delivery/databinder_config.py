@@ -15,27 +15,17 @@ import yaml
 
 from ..catalogue import InputFile, Sample
 from ..constants import XSEC_PB
-from .common import DeliveryError
+from ..errors import ConfigError
+from ..utils import first_line
+from .common import Job
 
 DEFAULT_OUTPUT_DIR = "outputs_databinder"
 
 
-class ConfigError(DeliveryError):
-    """A databinder config that cannot be used; the message names the file and the entry."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """One sample to deliver: what to ask for (files or a dataset id), the qastle, and the tree."""
-
-    sample: Sample
-    qastle: str
-    dataset_type: str = "filelist"  # filelist | rucio | cernopendata
-    dataset: str | None = None  # the DID for rucio / cernopendata
-
 
 @dataclass(frozen=True)
 class DatabinderConfig:
+    """A servicex-databinder YAML, parsed: the jobs and its General section."""
     jobs: tuple[Job, ...]
     endpoint: str | None
     output_dir: Path
@@ -175,7 +165,7 @@ def load_databinder_config(path: Path) -> DatabinderConfig:
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("Sample"), list) or not doc["Sample"]:
         raise ConfigError(f"{path}: expected 'General' and a non-empty 'Sample' list")
     general = doc.get("General") or {}
@@ -220,7 +210,7 @@ def load_databinder_config(path: Path) -> DatabinderConfig:
             if not isinstance(nevts, int) or nevts < 0:
                 raise ConfigError(f"{where}: a RucioDID sample needs NEvents (unskimmed count) for normalisation")
             files: tuple[InputFile, ...] = (InputFile(did, nevts),)
-            jobs.append(Job(Sample(process, variation, files, xsec, nevts), qastle_text, "rucio", did))
+            jobs.append(Job(Sample(process, variation, files, xsec, nevts), qastle_text, "rucio"))
             continue
         paths = _files_of(entry["XRootDFiles"], where)
         nfiles = entry.get("NFiles")

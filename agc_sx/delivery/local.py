@@ -39,8 +39,8 @@ import awkward as ak
 from .. import remote
 from ..catalogue import Catalog, InputFile
 from ..errors import Interrupted
-from ..query import query_hash, query_text
-from ..utils import PARTIAL_SUFFIX, sha256_file, sigint_ignored
+from ..query import query_text
+from ..utils import PARTIAL_SUFFIX, sha256_file, sha256_text, sigint_ignored
 from .common import (
     DeliveryError,
     DeliveryReport,
@@ -101,7 +101,8 @@ class _EagerUproot(types.ModuleType):
 
 class Skim:
     """The func-adl-uproot code of one qastle query: traced with dask-awkward once per branch layout, run
-    eagerly on every file."""
+    eagerly on every file.
+    """
 
     def __init__(self, qastle: str, tree: str = "Events") -> None:
         from func_adl_uproot.translation import generate_python_source
@@ -252,13 +253,21 @@ def deliver_local(
     pool started by a fork server, so a script calling this needs the usual ``if __name__ == "__main__":``
     guard. Ctrl-C stops the workers, removes what they were writing, records what was delivered and raises
     :class:`~agc_sx.errors.Interrupted`; the next run delivers the rest.
+
+    Args:
+        catalog: the samples and their input files (local paths, ``root://``, ``https://``).
+        output_dir: the delivery folder (``manifest.json`` and one subfolder per sample).
+        workers: files skimmed in parallel; default one per core.
+        force: redo every output, even those already delivered with this query.
+        quiet: no progress bar.
+        tree: the input files' TTree.
     """
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise DeliveryError(f"--workers must be at least 1, got {workers}")
     check_dirnames(catalog)
     text = query_text(tree)
-    sha = query_hash(text)
+    sha = sha256_text(text)
     with open_delivery(Path(output_dir), text, sha) as manifest:
         plans = {s.name: plan(manifest, s, sha, force, backend=BACKEND) for s in catalog}
         manifest.save()
@@ -339,8 +348,9 @@ def _pool(stack: ExitStack, workers: int, n_tasks: int, qastle: str, tree: str) 
         return None
     _prepare(qastle, tree)
     context: multiprocessing.context.BaseContext
-    if sys.platform == "linux" and threading.active_count() == 1:
-        context = multiprocessing.get_context("fork")  # no thread to inherit: the workers start at once
+    # no thread to inherit (the XRootD client's are not Python's, so it must not be loaded): start at once
+    if sys.platform == "linux" and threading.active_count() == 1 and "XRootD" not in sys.modules:
+        context = multiprocessing.get_context("fork")
     elif sys.platform == "linux":
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__, "uproot", "dask_awkward", "func_adl_uproot", "vector"])

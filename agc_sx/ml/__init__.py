@@ -14,7 +14,15 @@ from ._features import (
     permutation_features,
     permutation_table,
 )
-from ._models import MODEL_EVEN, MODEL_ODD, BDTModels, ModelError, best_permutation_features, segment_argmax
+from ._models import (
+    MODEL_EVEN,
+    MODEL_ODD,
+    BDTModels,
+    ModelError,
+    bdt_argmax_summary,
+    best_permutation_features,
+    segment_argmax,
+)
 from ._training import (
     HYPERPARAMETERS,
     Events4j2b,
@@ -38,6 +46,7 @@ __all__ = [
     "ModelError",
     "TrainingError",
     "TrainingReport",
+    "bdt_argmax_summary",
     "best_permutation_features",
     "model_card",
     "permutation_features",

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 from numpy.typing import NDArray
 
-from ..constants import ML_FEATURES
+from ..constants import MIN_JETS, ML_FEATURES
 
 #: Feature name, histogram bins, low and high edge, in the order the models expect their inputs.
 FEATURES: Final = ML_FEATURES
@@ -24,7 +24,6 @@ FEATURE_NAMES: Final = tuple(f[0] for f in FEATURES)
 N_FEATURES: Final = len(FEATURES)
 #: Only the leading jets (in pT) enter the permutations.
 MAX_JETS: Final = 6
-MIN_JETS: Final = 4
 #: Slots of a permutation row.
 W1, W2, B_HAD, B_LEP = 0, 1, 2, 3
 JET_FIELDS: Final = ("pt", "eta", "phi", "mass", "btagCSVV2", "qgl")

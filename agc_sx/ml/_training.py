@@ -28,7 +28,8 @@ from numpy.typing import NDArray
 
 from ..catalogue import Catalog
 from ..constants import BTAG_WP
-from ..errors import AgcSxError
+from ..errors import TrainingError
+from ..schema import COLLECTIONS, collection_fields
 from ..selection import (
     Collection,
     jet_mask,
@@ -59,16 +60,12 @@ HYPERPARAMETERS: Final[dict[str, Any]] = {
     "num_boost_round": 200,
 }
 
+#: What training reads of NanoAOD: the processor's columns with the BDT inputs, and the generator truth.
 _BRANCHES: Final = {
-    "Jet": ("pt", "eta", "phi", "mass", "btagCSVV2", "qgl", "jetId"),
-    "Electron": ("pt", "eta", "phi", "mass", "cutBased", "sip3d"),
-    "Muon": ("pt", "eta", "phi", "mass", "tightId", "sip3d", "pfRelIso04_all"),
+    **{c: collection_fields(c, ml=True) for c in COLLECTIONS},
     "GenPart": ("eta", "phi", "pdgId", "genPartIdxMother"),
 }
 
-
-class TrainingError(AgcSxError, ValueError):
-    """Inputs that cannot give a training set; the message says what is missing."""
 
 
 @dataclass

@@ -39,15 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from ...catalogue import Catalog, InputFile
-from ...errors import Interrupted
+from ...errors import ConfigError, Interrupted, ServerLost, ServiceXError
 from ...manifest import Manifest
-from ...query import OUTPUT_COLUMN_NAMES, query_hash
-from ...utils import sigint_ignored
-from ..common import DeliveryReport, Plan, check_dirnames, finish_sample, open_delivery, plan
-from ..databinder_config import ConfigError, Job, load_databinder_config
+from ...options import DATASET_TYPES, one_of
+from ...query import OUTPUT_COLUMN_NAMES
+from ...utils import sha256_text, sigint_ignored
+from ..common import DeliveryReport, Job, Plan, check_dirnames, finish_sample, open_delivery, plan
+from ..databinder_config import load_databinder_config
 from ._scrub import _Scrubber
 from .client import _final_statuses, _run_client, _stale
-from .common import BACKEND, DATASET_TYPES, ServerLost, ServiceXError, _Request, _valid
+from .common import BACKEND, _Request, _valid
 from .endpoint import Endpoint, _cache_dir, preflight, resolve_endpoint
 from .naming import _titles, match_outputs
 from .settle import _collect, _fatal_message, _settle_unfinished
@@ -59,10 +60,8 @@ _RUCIO_DID = re.compile(r"[\w.\-]+:(?!//)\S+")
 def _check_dataset_ids(jobs: Sequence[Job]) -> None:
     """Refuse, before anything is submitted, dataset ids the client or server would reject."""
     for job in jobs:
-        if job.dataset_type not in DATASET_TYPES:
-            raise ServiceXError(
-                f"{job.sample.name}: unknown dataset type {job.dataset_type!r} (choose from {', '.join(DATASET_TYPES)})"
-            )
+        if (problem := one_of("dataset type", job.dataset_type, DATASET_TYPES)) is not None:
+            raise ServiceXError(f"{job.sample.name}: {problem}")
         for f in job.sample.files:
             if job.dataset_type == "rucio" and not _RUCIO_DID.fullmatch(f.path):
                 raise ServiceXError(f"{job.sample.name}: {f.path!r} is not a Rucio DID (scope:name)")
@@ -113,7 +112,7 @@ class _Run:
 def _plan(manifest: Manifest, jobs: Sequence[Job], force: bool) -> tuple[dict[str, Plan], dict[str, _Request]]:
     """What is already delivered (reused) and what to ask the server for, per sample and request title."""
     plans = {
-        job.sample.name: plan(manifest, job.sample, query_hash(job.qastle), force, backend=BACKEND,
+        job.sample.name: plan(manifest, job.sample, sha256_text(job.qastle), force, backend=BACKEND,
                               datasets=job.dataset_type != "filelist")
         for job in jobs
     }
@@ -231,7 +230,7 @@ def deliver_jobs(
     texts = {job.qastle for job in jobs}
     text = next(iter(texts)) if len(texts) == 1 else None
     columns = OUTPUT_COLUMN_NAMES if skim_columns else None
-    with open_delivery(output_dir, text, query_hash(text) if text is not None else None) as manifest:
+    with open_delivery(output_dir, text, sha256_text(text) if text is not None else None) as manifest:
         if text is None:
             manifest.extra["queries"] = {job.sample.name: job.qastle for job in jobs}
         plans, requests = _plan(manifest, jobs, force)
@@ -258,13 +257,21 @@ def deliver_servicex(
 ) -> DeliveryReport:
     """Deliver every catalogue sample through ServiceX with the skim query (all samples in one request).
 
-    ``dataset_type``: the catalogue's paths are files (``filelist``), Rucio DIDs or CERN Open Data record ids.
-    ``progressive``: record each output as soon as it has been downloaded (see the module docstring).
+    Args:
+        catalog: the samples and their input files or dataset ids.
+        output_dir: the delivery folder (``manifest.json``, one subfolder per sample, the client's cache).
+        servicex_config: ``servicex.yaml`` to use instead of the client's usual search.
+        endpoint: endpoint name in the configuration; default its default endpoint.
+        ignore_cache: do not reuse the client's cached transforms.
+        dataset_type: the catalogue's paths are files (``filelist``), Rucio DIDs or CERN Open Data record ids.
+        force: redo every output, even those already delivered with this query.
+        quiet: no progress bars.
+        progressive: record each output as soon as it has been downloaded (see the module docstring).
     """
     from ...query import query_text
 
-    if dataset_type not in DATASET_TYPES:
-        raise ServiceXError(f"unknown dataset type {dataset_type!r} (choose from {', '.join(DATASET_TYPES)})")
+    if (problem := one_of("dataset type", dataset_type, DATASET_TYPES)) is not None:
+        raise ServiceXError(problem)
     qastle = query_text("Events")
     jobs = [Job(s, qastle, dataset_type) for s in catalog]
     return deliver_jobs(

@@ -7,6 +7,8 @@ import re
 from collections.abc import Sequence
 from typing import TextIO
 
+from ...utils import first_line
+
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 
 
@@ -29,8 +31,7 @@ def _one_line(err: BaseException, scrub: _Scrubber) -> str:
     inner = getattr(err, "_exc", None)  # servicex's ReturnValueException wraps the real error
     if isinstance(inner, BaseException):
         err = inner
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return scrub(text)
+    return scrub(first_line(err))
 
 
 class _ScrubbedStream(io.TextIOBase):

@@ -12,8 +12,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...errors import ServerLost
 from ._scrub import _one_line, _ScrubbedStream, _Scrubber
-from .common import ServerLost, _valid, log
+from .common import _valid, log
 from .endpoint import Endpoint, _client_cache_arg
 
 

@@ -7,28 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...catalogue import InputFile
-from ...query import query_hash
-from ..common import (
-    DeliveryError,
-    Plan,
-)
-from ..databinder_config import Job
+from ...utils import sha256_text
+from ..common import Job, Plan
 
 log = logging.getLogger(__name__)
 
 
 BACKEND = "servicex"
 
-
-DATASET_TYPES = ("filelist", "rucio", "cernopendata")
-
-
-class ServiceXError(DeliveryError):
-    """A delivery problem that stops every sample (config, endpoint, authentication); one line."""
-
-
-class ServerLost(ServiceXError):
-    """The server stopped answering while transforms were running."""
 
 
 def _valid(guard: Any) -> bool:
@@ -55,7 +41,7 @@ class _Request:
 
     @property
     def qhash(self) -> str:
-        return query_hash(self.job.qastle)
+        return sha256_text(self.job.qastle)
 
     def dataset(self) -> Any:
         from servicex.dataset import CERNOpenData, FileList, Rucio

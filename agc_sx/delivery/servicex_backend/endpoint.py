@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-from ...query import query_hash
+from ...errors import ServiceXError
+from ...utils import sha256_text
 from ._scrub import _Scrubber
-from .common import ServiceXError
 
 PREFLIGHT_TIMEOUT_S = 5.0
 
@@ -18,6 +18,7 @@ CACHE_DIRNAME = ".servicex-cache"
 
 @dataclass(frozen=True)
 class Endpoint:
+    """One ServiceX endpoint of ``servicex.yaml``; the token stays out of every message."""
     name: str
     url: str
     token: str
@@ -78,7 +79,7 @@ def preflight(ep: Endpoint, scrub: _Scrubber, timeout: float = PREFLIGHT_TIMEOUT
 
 def _cache_dir(output_dir: Path, ep: Endpoint) -> Path:
     """Our cache for the client: under the output folder, one per server URL (the client's key ignores it)."""
-    return output_dir.resolve() / CACHE_DIRNAME / query_hash(ep.url)[:12]
+    return output_dir.resolve() / CACHE_DIRNAME / sha256_text(ep.url)[:12]
 
 
 def _client_cache_arg(cache: Path) -> str:

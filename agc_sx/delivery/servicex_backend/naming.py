@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 
 from ...manifest import safe_component
-from ...query import query_hash
+from ...utils import sha256_text
 from .common import _Request
 
 TITLE_LIMIT = 128  # the client truncates longer titles when the server states no limit
@@ -63,7 +63,7 @@ def _titles(names: Sequence[str]) -> list[str]:
     for name in names:
         t = safe_component(name)
         if len(t) > TITLE_LIMIT or t in out:
-            t = t[: TITLE_LIMIT - 9] + "_" + query_hash(name)[:8]
+            t = t[: TITLE_LIMIT - 9] + "_" + sha256_text(name)[:8]
         out.append(t)
     return out
 
@@ -77,9 +77,9 @@ def _did_output_name(r: _Request, returned: str) -> str:
     stem = returned.removesuffix(".parquet").removesuffix(".root")
     stem = safe_component(stem)
     if len(stem) > DID_NAME_LIMIT:
-        stem = f"{query_hash(returned)[:8]}-{stem[-(DID_NAME_LIMIT - 9):]}"
+        stem = f"{sha256_text(returned)[:8]}-{stem[-(DID_NAME_LIMIT - 9):]}"
     record = r.plan.record
     rel = f"{record.dirname}/{stem}.parquet"
     if any(o.file == rel and o.input != r.did for o in record.outputs):
-        rel = f"{record.dirname}/{stem}-{query_hash(str(r.did))[:8]}.parquet"
+        rel = f"{record.dirname}/{stem}-{sha256_text(str(r.did))[:8]}.parquet"
     return rel

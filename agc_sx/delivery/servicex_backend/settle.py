@@ -6,13 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..common import (
-    DeliveryError,
-    Plan,
-    finish_sample,
-    record_failure,
-)
-from ..databinder_config import Job
+from ...errors import DeliveryError
+from ..common import Job, Plan, finish_sample, record_failure
 from ._scrub import _one_line, _Scrubber
 from .common import _Request, _state, _valid, log
 from .endpoint import Endpoint
@@ -52,7 +47,7 @@ def _collect(store: _Store, r: _Request, guard: Any, status: Any, earlier: set[s
             f"({status.files_completed} of {status.files} file(s) done)"
         )
     if why is not None:
-        store.retract(r)
+        store.drop(r)
         for f in r.inputs:
             record_failure(manifest, p, f, why)
         if r.did is not None:
@@ -119,7 +114,7 @@ def _collect_dataset(
                 problem = f"returned file {src.name} rejected: {store.scrub(str(err))}"
                 break
     if problem is not None:
-        store.retract(r)
+        store.drop(r)
         record_failure(store.manifest, r.plan, f, problem)
         return [f"{did}: {problem}"]
     outs = sorted((o for o in r.plan.record.outputs if o.input == did), key=lambda o: o.file)

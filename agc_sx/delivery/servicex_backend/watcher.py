@@ -117,9 +117,6 @@ class _Store:
                 self.delivered -= 1
             self.manifest.save()
 
-    def retract(self, r: _Request) -> None:
-        self.drop(r)
-
 
 def _subfolders(cache: Path) -> set[str]:
     try:

@@ -26,7 +26,7 @@ from agc_sx.processor import ProcessError, run_processor
 from agc_sx.systematics import jer_factors
 from agc_sx.utils import sha256_file
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 OFFICIAL_MODELS = SHARED / "agc" / "models"
 
 XSEC = {"ttbar": 729.84, "wjets": 15487.164, "single_top_s_chan": 3.2944, "single_top_t_chan": 234.7937,

@@ -16,8 +16,8 @@ from agc_sx.cli import main
 from agc_sx.delivery import DeliveryError, deliver_local
 from agc_sx.delivery.common import output_names
 from agc_sx.manifest import Manifest
-from agc_sx.query import OUTPUT_COLUMN_NAMES, OUTPUT_COLUMNS, column_types, query_hash, query_text
-from agc_sx.utils import sha256_file
+from agc_sx.query import OUTPUT_COLUMN_NAMES, OUTPUT_COLUMNS, column_types, query_text
+from agc_sx.utils import sha256_file, sha256_text
 
 
 def _catalog(entries: dict[str, list[Path]]) -> Catalog:
@@ -88,7 +88,7 @@ def test_delivered_events_and_columns_match_independent_skim(delivered, inputs, 
 def test_manifest_records_inputs_outputs_and_normalisation(delivered) -> None:
     out, catalog = delivered
     manifest = Manifest.load(out)
-    assert manifest.query == query_text() and manifest.query_sha256 == query_hash(query_text())
+    assert manifest.query == query_text() and manifest.query_sha256 == sha256_text(query_text())
     doc = json.loads((out / "manifest.json").read_text())
     for sample in catalog:
         record = manifest.samples[sample.name]
@@ -460,7 +460,7 @@ def test_store_output_verifies_files_from_elsewhere(tmp_path: Path, delivered) -
     good = ak.from_parquet(next((delivered[0] / "ttbar__nominal").glob("*.parquet")))
     sample = Sample("ttbar", "nominal", (InputFile("root://x//a/one.root", 10), InputFile("/b/two.root", 20)), 1.0, 30)
     text = query_text()
-    sha = query_hash(text)
+    sha = sha256_text(text)
     with open_delivery(tmp_path / "out", text, sha) as manifest:
         p = plan(manifest, sample, sha, backend="servicex")
         assert [f.path for f in p.todo] == [f.path for f in sample.files]

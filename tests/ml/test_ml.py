@@ -22,7 +22,7 @@ from agc_sx.ml import (
     segment_argmax,
 )
 
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "agc" / "models"
+SHARED_MODELS = Path(__file__).resolve().parents[3] / "shared" / "agc" / "models"
 
 
 def synthetic_events(n_events: int, seed: int) -> tuple[ak.Array, ak.Array, np.ndarray]:
