@@ -287,12 +287,14 @@ def deliver_local(
                         finish_sample(manifest, p)
                 for (name, input_file, p), result in _run(tasks, manifest.base, text, tree, pool):
                     nbytes += result.bytes_read if remote.is_remote(input_file.path) else 0
+                    ok = False
                     if result.error is None and result.part is not None:
                         assert result.rows is not None and result.sha256 is not None
                         try:
                             store_output(manifest, p, input_file, Path(result.part), query_sha256=sha, move=True,
                                          verified=(result.rows, result.sha256))
                             delivered += 1
+                            ok = True
                         except DeliveryError as err:
                             record_failure(manifest, p, input_file, err)
                         finally:
@@ -300,7 +302,7 @@ def deliver_local(
                     else:
                         record_failure(manifest, p, input_file, result.error or "not delivered")
                     remaining[name] -= 1
-                    advance(name)
+                    advance(name, ok)
                     if remaining[name] == 0:
                         finish_sample(manifest, p)
         except KeyboardInterrupt:
@@ -408,10 +410,12 @@ def _run(
             future.cancel()
 
 
-def _progress(stack: ExitStack, plans: dict[str, Plan], quiet: bool) -> Callable[[str], None]:
-    """One rich progress bar per sample (on stderr); a no-op when ``quiet``."""
+def _progress(stack: ExitStack, plans: dict[str, Plan], quiet: bool) -> Callable[[str, bool], None]:
+    """One rich progress bar per sample (on stderr), advanced by delivered files only: a failed file is
+    counted in the sample's name (``wjets__nominal (1 failed)``), never shown as done. A no-op when ``quiet``.
+    """
     if quiet:
-        return lambda name: None
+        return lambda name, ok: None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -428,4 +432,13 @@ def _progress(stack: ExitStack, plans: dict[str, Plan], quiet: bool) -> Callable
         name: progress.add_task(name, total=len(p.done) + len(p.todo), completed=len(p.done))
         for name, p in plans.items()
     }
-    return lambda name: progress.advance(ids[name])
+    failed = dict.fromkeys(ids, 0)
+
+    def advance(name: str, ok: bool) -> None:
+        if ok:
+            progress.advance(ids[name])
+            return
+        failed[name] += 1
+        progress.update(ids[name], description=f"{name} [red]({failed[name]} failed)[/red]")
+
+    return advance
