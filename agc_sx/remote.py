@@ -11,14 +11,15 @@ At a facility the catalogue's files are ``root://`` (fsspec-xrootd over the XRoo
 * :func:`explain`, which turns what uproot, fsspec, aiohttp and XRootD raise into a reason a person can act on:
   a missing file, an untrusted certificate (and how to trust it), a server that is gone, a truncated file.
 
-Importing this module sets the XRootD client defaults and the inflater, so it is imported before any reader
-is created.
+:func:`configure` sets the XRootD client defaults and the inflater once per process; :func:`uproot_options`,
+through which every read of agc-sx goes, calls it, so importing agc-sx changes nothing in the caller's process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import queue
 import ssl
@@ -59,9 +60,6 @@ def configure_clients() -> None:
         os.environ.setdefault(key, value)
 
 
-configure_clients()
-
-
 def fast_inflate() -> None:
     """Inflate ROOT's ZLIB baskets with ISA-L when ``isal`` is installed: the same bytes, ~1.7x faster than zlib
     (decompression is most of the time a skim spends reading). Writing (``uproot.ZLIB``) stays on zlib.
@@ -76,7 +74,11 @@ def fast_inflate() -> None:
     compression._DecompressZLIB.library = "isal"
 
 
-fast_inflate()
+@functools.cache
+def configure() -> None:
+    """:func:`configure_clients` and :func:`fast_inflate`, once per process, before its first read."""
+    configure_clients()
+    fast_inflate()
 
 
 
@@ -372,6 +374,7 @@ class NetworkSource(FSSpecSource):
 
 def uproot_options() -> dict[str, Any]:
     """Options for ``uproot.open`` (and coffea's ``uproot_options``) that read through :class:`NetworkSource`."""
+    configure()
     return {"handler": NetworkSource}
 
 

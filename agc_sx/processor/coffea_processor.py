@@ -58,6 +58,7 @@ class AGCProcessor(processor.ProcessorABC):
 
     def process(self, events: Any) -> ChunkResult:
         """One chunk of one sample (coffea's entry point)."""
+        remote.configure()  # this worker inflates the chunk's baskets with ISA-L too
         meta = events.metadata
         process_name, variation, weight = self.samples[meta["dataset"]]
         if self.io_only:

@@ -703,15 +703,7 @@ def test_ctrl_c_ends_within_two_seconds_and_resumes(sx: SimpleNamespace, catalog
     with open(out_file, "w") as out_f, open(err_file, "w") as err_f:  # files: a full pipe never blocks it
         proc = subprocess.Popen(argv, stdout=out_f, stderr=err_f, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if sum(len(r.outputs) for r in Manifest.load(sx.out)) >= 2:
-                    break
-            except ManifestError:
-                pass
-            time.sleep(0.1)
-        else:
+        if not _wait_for_outputs(sx.out, 2, timeout=120):
             proc.kill()
             pytest.fail(f"nothing was recorded while the transforms ran: {err_file.read_text()[-2000:]}")
         start = time.monotonic()
@@ -742,6 +734,19 @@ def test_ctrl_c_ends_within_two_seconds_and_resumes(sx: SimpleNamespace, catalog
     assert all(r.status == "complete" for r in m) and kept <= {o.file for r in m for o in r.outputs}
 
 
+def _wait_for_outputs(folder: Path, n: int, timeout: float) -> bool:
+    """Wait until the manifest in ``folder`` records at least ``n`` outputs; False if it does not in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if sum(len(r.outputs) for r in Manifest.load(folder)) >= n:
+                return True
+        except ManifestError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
 def _kill_mid_transform(sx: SimpleNamespace, catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> float:
     """Deliver while the server dies after the first files are recorded; the seconds until the report."""
     from agc_sx.delivery.servicex_backend import client
@@ -756,14 +761,7 @@ def _kill_mid_transform(sx: SimpleNamespace, catalog: Catalog, monkeypatch: pyte
 
     thread = threading.Thread(target=target)
     thread.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if sum(len(r.outputs) for r in Manifest.load(sx.out)) >= 2:
-                break
-        except ManifestError:
-            pass
-        time.sleep(0.05)
+    _wait_for_outputs(sx.out, 2, timeout=60)
     sx.double.kill()
     killed = time.monotonic()
     thread.join(timeout=60)
