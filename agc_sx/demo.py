@@ -4,6 +4,9 @@ generate (NanoAOD-format toy events) -> deliver --backend local (the ServiceX sk
 func-adl-uproot code path) -> process (coffea, systematics, BDT) -> plot -> fit. Every stage is the library
 function the corresponding command calls, so the demo exercises exactly what users run. A re-run in the same
 folder reuses the delivered files (same inputs, same query) and redoes the rest.
+
+What matplotlib, cabinetry, pyhf and Minuit print during the plot and fit stages goes to ``plots/plot.log``
+and ``fit/fit.log`` (:mod:`agc_sx.capture`), announced in one line each, unless ``verbose``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from .errors import AgcSxError
 #: Events per generated sample of the default demo: about a minute on 2 cores, a visible ttbar peak.
 DEFAULT_EVENTS = 20000
 DEFAULT_SEED = 42
+#: Fewer events per sample leave bins of the fit with pseudodata but no simulated events (1,000 does) and
+#: background templates of a few events each: the fit has nothing honest to say.
+MIN_EVENTS = 2000
 
 
 class DemoError(AgcSxError, RuntimeError):
@@ -63,27 +69,41 @@ def run_demo(
     seed: int = DEFAULT_SEED,
     workers: int = 2,
     quiet: bool = False,
+    verbose: bool = False,
+    plots: bool = True,
     announce: Callable[[str], None] = print,
 ) -> DemoSummary:
-    """Run generate -> deliver (local) -> process -> plot -> fit in ``workdir``; return the summary."""
+    """Run generate -> deliver (local) -> process -> plot -> fit in ``workdir``; return the summary.
+
+    ``plots=False`` skips the plot stage and the fit's plots; ``verbose`` lets the libraries print.
+    """
     import matplotlib
 
+    from .capture import captured
+
     matplotlib.use("Agg")
-    if events < 100:
-        raise DemoError(f"--events must be at least 100, got {events}")
+    if events < MIN_EVENTS:
+        raise DemoError(f"--events must be at least {MIN_EVENTS:,}, got {events:,}")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     summary = DemoSummary(workdir)
-    stages = ("generate", "deliver", "process", "plot", "fit")
+    stages = ("generate", "deliver", "process", *(("plot",) if plots else ()), "fit")
 
     @contextmanager
-    def stage(name: str, what: str) -> Iterator[None]:
+    def stage(name: str, what: str, log: Path | None = None) -> Iterator[None]:
         announce(f"[{stages.index(name) + 1}/{len(stages)}] {name}: {what}")
         t0 = time.perf_counter()
         try:
-            yield
+            if log is None:
+                yield
+            else:
+                with captured(log, verbose=verbose) as capture:
+                    yield
+                if capture.total:
+                    announce(f"      {capture.summary(Path.cwd())}")
         except Exception as err:
-            raise DemoError(f"{name} failed: {err}") from err
+            where = f" (the libraries' messages are in {log})" if log is not None and not verbose else ""
+            raise DemoError(f"{name} failed: {err}{where}") from err
         summary.stage_seconds[name] = time.perf_counter() - t0
 
     with stage("generate", f"{events:,} NanoAOD-format events per sample"):
@@ -117,15 +137,16 @@ def run_demo(
             summary.files["ML histograms"] = result.ml_output
         summary.files["metrics"] = result.metrics_path
 
-    with stage("plot", "stacked regions, systematic variations, ML observables"):
-        from .plotting import plot_all
+    if plots:
+        with stage("plot", "stacked regions, systematic variations, ML observables", workdir / "plots" / "plot.log"):
+            from .plotting import plot_all
 
-        plot_all(workdir / "histograms.root", workdir / "plots")
-        summary.files["plots"] = workdir / "plots"
+            plot_all(workdir / "histograms.root", workdir / "plots")
+            summary.files["plots"] = workdir / "plots"
 
-    with stage("fit", "cabinetry fit of ttbar_norm to the pseudodata"):
+    with stage("fit", "cabinetry fit of ttbar_norm to the pseudodata", workdir / "fit" / "fit.log"):
         from .fit import run_fit
 
-        summary.fit = run_fit(workdir / "histograms.root", workdir / "fit")
+        summary.fit = run_fit(workdir / "histograms.root", workdir / "fit", plots=plots)
         summary.files["fit"] = workdir / "fit"
     return summary

@@ -8,23 +8,30 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..demo import DEFAULT_EVENTS, DEFAULT_SEED, DemoSummary, run_demo
+from ..demo import DEFAULT_EVENTS, DEFAULT_SEED, MIN_EVENTS, DemoSummary, run_demo
 from ._group import main, user_errors
+from ._output import verbose_option
+from .fit import fit_notes
 
 
 @main.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("agc-demo"),
               show_default=True, help="Folder for everything the demo writes.")
-@click.option("--events", type=click.IntRange(min=100), default=DEFAULT_EVENTS, show_default=True,
-              help="Generated events per sample (9 samples).")
+@click.option("--events", type=int, default=DEFAULT_EVENTS, show_default=True,
+              help=f"Generated events per sample (9 samples), at least {MIN_EVENTS:,}: fewer leave the fit "
+                   "bins with pseudodata but no simulated events.")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the event generator.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Worker processes for delivery and processing.")
 @click.option("--quiet", is_flag=True, help="No progress bars (the stage lines and the summary stay).")
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="Draw the distributions and the fit's plots (the plot stage).")
+@verbose_option
 @user_errors()
-def demo(workdir: Path, events: int, seed: int, workers: int, quiet: bool) -> None:
+def demo(workdir: Path, events: int, seed: int, workers: int, quiet: bool, plots: bool, verbose: bool) -> None:
     """Generate a small sample set, deliver it locally, process (with the BDT), plot and fit: no server needed."""
-    summary = run_demo(workdir, events=events, seed=seed, workers=workers, quiet=quiet, announce=click.echo)
+    summary = run_demo(workdir, events=events, seed=seed, workers=workers, quiet=quiet, verbose=verbose,
+                       plots=plots, announce=click.echo)
     _print_summary(summary)
 
 
@@ -52,4 +59,6 @@ def _print_summary(s: DemoSummary) -> None:
     for what, path in s.files.items():
         console.print(f"{what:>14}: {path}")
     if s.fit is not None:
-        console.print(f"\n[bold]{s.fit.summary()}[/bold]")
+        console.print(f"\n[bold]{s.fit.summary()}[/bold]", highlight=False)
+        for note in fit_notes(s.fit):
+            console.print(f"note: {note}", highlight=False, soft_wrap=True)
