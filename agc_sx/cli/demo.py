@@ -18,8 +18,8 @@ from .fit import fit_notes
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("agc-demo"),
               show_default=True, help="Folder for everything the demo writes.")
 @click.option("--events", type=int, default=DEFAULT_EVENTS, show_default=True,
-              help=f"Generated events per sample (9 samples), at least {MIN_EVENTS:,}: fewer leave the fit "
-                   "bins with pseudodata but no simulated events.")
+              help=f"Generated events per sample (9 samples), at least {MIN_EVENTS:,}: with fewer the "
+                   "templates are too sparse for the fit to converge on every seed.")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the event generator.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Worker processes for delivery and processing.")
