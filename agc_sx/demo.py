@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .constants import REGIONS
-from .errors import AgcSxError
+from .errors import DemoError
+from .histograms import DATA_SAMPLE, hist_key
 
 #: Events per generated sample of the default demo: about a minute on 2 cores, a visible ttbar peak.
 DEFAULT_EVENTS = 20000
@@ -29,9 +30,6 @@ DEFAULT_SEED = 42
 #: bins of the fit hold pseudodata but no simulated event.
 MIN_EVENTS = 6000
 
-
-class DemoError(AgcSxError, RuntimeError):
-    """A demo stage failed; the message names the stage."""
 
 
 @dataclass
@@ -56,8 +54,8 @@ def _yields(histograms: dict[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for region in REGIONS:
         row = {}
-        for process in (*PROCESSES, "pseudodata"):
-            h = histograms.get(f"{region}_{process}")
+        for process in (*PROCESSES, DATA_SAMPLE):
+            h = histograms.get(hist_key(region, process))
             row[process] = float(h.sum(flow=True).value) if h is not None else 0.0
         out[region] = row
     return out
@@ -78,11 +76,8 @@ def run_demo(
 
     ``plots=False`` skips the plot stage and the fit's plots; ``verbose`` lets the libraries print.
     """
-    import matplotlib
-
     from .capture import captured
 
-    matplotlib.use("Agg")
     if events < MIN_EVENTS:
         raise DemoError(f"--events must be at least {MIN_EVENTS:,}, got {events:,}")
     workdir = Path(workdir).resolve()

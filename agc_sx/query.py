@@ -14,16 +14,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import json
 import logging
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import awkward as ak
 
 from .errors import QueryError
-from .resources import DATA_PACKAGE
+from .resources import DATA_PACKAGE, queries_dir
 from .schema import SKIM_COLUMNS
+from .utils import atomic_write_text, sha256_text
 
 #: The columns the skim returns, in order, with their awkward types as read from real 2015 NanoAOD
 #: (:data:`agc_sx.schema.SKIM_COLUMNS`). Counters (``nJet`` ...) are ``uint32`` in CMS files; files written by
@@ -64,9 +68,40 @@ def skim_query(tree: str = "Events") -> Any:
 
 @functools.lru_cache(maxsize=4)
 def query_text(tree: str = "Events") -> str:
-    """The qastle text of the skim, exactly what is sent to ServiceX (with a dummy input file name)."""
+    """The qastle text of the skim, exactly what is sent to ServiceX (with a dummy input file name).
+
+    Building it imports the servicex client (~1 s, a seventh of a local delivery of 3 M events), so the text
+    is kept in the user's cache under a key of everything it is made from: the query's source, the constants
+    it uses, the tree and the versions of servicex, func_adl and qastle. A changed input is a new key.
+    """
+    cache = _query_cache(tree)
+    if cache is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = cache.read_text()
+            if text.strip():
+                return text
     with _quiet_func_adl():
-        return str(skim_query(tree).generate_selection_string())
+        text = str(skim_query(tree).generate_selection_string())
+    if cache is not None:
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache, text)
+    return text
+
+
+def _query_cache(tree: str) -> Path | None:
+    """Where the qastle of the skim on ``tree`` is cached (``$XDG_CACHE_HOME/agc-sx``), or None if nowhere."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import constants
+
+    try:
+        versions = [version(p) for p in ("servicex", "func_adl", "qastle")]
+        parts = [(queries_dir() / "skim.py").read_text(), Path(constants.__file__).read_text(), tree, *versions]
+    except (OSError, PackageNotFoundError):
+        return None
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agc-sx" / "qastle"
+    return base / f"{sha256_text(json.dumps(parts))}.txt"
 
 
 @functools.lru_cache(maxsize=8)

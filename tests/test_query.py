@@ -134,3 +134,23 @@ def test_processor_columns_are_a_subset_of_what_the_skim_delivers() -> None:
     for name, (jagged, dtype) in COLUMNS.items():
         assert name in delivered, name
         assert delivered[name] == (f"var * {dtype}" if jagged else dtype), name
+
+
+def test_query_text_is_cached_under_a_key_of_what_makes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached qastle is the generated one; another tree is another key; an empty cache file is rebuilt."""
+    from agc_sx import query
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    query.query_text.cache_clear()
+    try:
+        fresh = query.query_text("Events")
+        cached = list((tmp_path / "agc-sx" / "qastle").glob("*.txt"))
+        assert len(cached) == 1 and cached[0].read_text() == fresh
+        assert query._query_cache("Events") == cached[0] != query._query_cache("events")
+        cached[0].write_text("")
+        query.query_text.cache_clear()
+        assert query.query_text("Events") == fresh == cached[0].read_text()
+        with query._quiet_func_adl():
+            assert fresh == str(query.skim_query("Events").generate_selection_string())
+    finally:
+        query.query_text.cache_clear()

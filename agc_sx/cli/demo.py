@@ -30,6 +30,9 @@ from .fit import fit_notes
 @user_errors()
 def demo(workdir: Path, events: int, seed: int, workers: int, quiet: bool, plots: bool, verbose: bool) -> None:
     """Generate a small sample set, deliver it locally, process (with the BDT), plot and fit: no server needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
     summary = run_demo(workdir, events=events, seed=seed, workers=workers, quiet=quiet, verbose=verbose,
                        plots=plots, announce=click.echo)
     _print_summary(summary)

@@ -27,8 +27,11 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import awkward as ak
+import numpy as np
+import pyarrow.parquet as pq
 
 from ..catalogue import Catalog, InputFile, Sample
 from ..errors import DeliveryError
@@ -41,7 +44,7 @@ from ..manifest import (
     output_filename,
     sample_dirname,
 )
-from ..query import OUTPUT_COLUMN_NAMES, empty_skim, schema_problems
+from ..query import OUTPUT_COLUMN_NAMES, column_types, empty_skim, schema_problems
 from ..schema import parquet_column_types
 from ..utils import PARTIAL_SUFFIX, atomic_path, first_line, sha256_file
 
@@ -287,17 +290,40 @@ def _dataset_done(record: SampleRecord, dataset: InputFile, query_sha256: str, b
 # --- storing one output ----------------------------------------------------------------------------------------
 
 
-def write_parquet(array: ak.Array, path: Path) -> None:
+def write_parquet(array: ak.Array, path: Path) -> ak.Array:
     """Write ``array`` as parquet at ``path`` (not atomic; see :func:`store_output`), flushed to disk.
 
     A zero-length result keeps its record type, so the file has every column; a zero-length array without
     fields (what some producers return for "nothing passed") is replaced by :func:`~agc_sx.query.empty_skim`.
+    Returns the array written.
     """
     if len(array) == 0 and not array.fields:
         array = empty_skim()
     ak.to_parquet(array, path)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+    return array
+
+
+def verify_written(path: Path, array: ak.Array) -> int:
+    """Check a skim file this process has just written from ``array``; its row count, or DeliveryError.
+
+    The same checks as :func:`verify_parquet` without reading the data back (a fifth of a local delivery's
+    time): types, missing values and counters on the array in memory, and the file's footer - readable,
+    the same physical types, as many rows - for what reached the disk.
+    """
+    problems = schema_problems(column_types(array)) or missing_value_problems(array) or counter_problems(array)
+    if not problems:
+        try:
+            types, rows = parquet_column_types(path), pq.ParquetFile(path).metadata.num_rows
+        except Exception as err:  # pyarrow raises many unrelated types for damaged files
+            raise DeliveryError(f"unreadable parquet ({type(err).__name__}: {first_line(err)})") from None
+        problems = schema_problems(types)
+        if not problems and rows != len(array):
+            problems = [f"the file holds {rows} rows, {len(array)} were written"]
+    if problems:
+        raise DeliveryError("; ".join(problems))
+    return len(array)
 
 
 def verify_parquet(path: Path, expected_columns: Sequence[str] | None = OUTPUT_COLUMN_NAMES) -> int:
@@ -331,12 +357,22 @@ def missing_value_problems(array: ak.Array) -> list[str]:
     problems = []
     for name in array.fields:
         column = array[name]
+        if not _has_option(column.layout.form):
+            continue  # no option type anywhere: nothing can be missing (and checking costs a full pass)
         holes = ak.is_none(column, axis=0)
         if column.ndim > 1:
             holes = holes | ak.any(ak.is_none(column, axis=1), axis=1)
         if ak.any(holes):
             problems.append(f"column {name} has missing values")
     return problems
+
+
+def _has_option(form: Any) -> bool:
+    """Whether an awkward form has an option type at any depth (only those can hold missing values)."""
+    if form.is_option:
+        return True
+    children = getattr(form, "contents", None) or ([form.content] if hasattr(form, "content") else [])
+    return any(_has_option(child) for child in children)
 
 
 def counter_problems(array: ak.Array) -> list[str]:
@@ -347,9 +383,18 @@ def counter_problems(array: ak.Array) -> list[str]:
     for collection, counter in COUNTERS.items():
         n = ak.to_numpy(array[counter]).astype("int64")
         for name in array.fields:
-            if name.startswith(collection + "_") and not (ak.to_numpy(ak.num(array[name], axis=1)) == n).all():
+            if name.startswith(collection + "_") and not np.array_equal(_lengths(array[name]), n):
                 problems.append(f"{counter} differs from the length of {name}")
     return problems
+
+
+def _lengths(column: ak.Array) -> np.ndarray:
+    """Per-event lengths of a jagged column: from its offsets when it has them (no pass over the data)."""
+    layout = column.layout
+    if isinstance(layout, ak.contents.ListOffsetArray):
+        offsets = np.asarray(layout.offsets)
+        return offsets[1:] - offsets[:-1]
+    return ak.to_numpy(ak.num(column, axis=1))
 
 
 def store_output(

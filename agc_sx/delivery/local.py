@@ -9,8 +9,9 @@ on exactly those branches (``dask_awkward`` bound to ``awkward``, whose function
 ``uproot.dask`` to the branches just read). The output is bit-identical to the dask path
 (:func:`agc_sx.query.execute`, which the tests compare against).
 
-Worker processes read, skim and write a ``*.part`` file; the parent verifies, renames and records every
-output, so the manifest has a single writer and the result does not depend on the number of workers.
+Worker processes read, skim, write and check a ``*.part`` file (:func:`~.common.verify_written`: the array in
+memory, the file's footer); the parent renames and records every output, so the manifest has a single writer
+and the result does not depend on the number of workers.
 Remote inputs (``root://``, ``https://``) are read through :class:`agc_sx.remote.NetworkSource`: retried
 with back-off, failures in one line.
 """
@@ -51,7 +52,7 @@ from .common import (
     plan,
     record_failure,
     store_output,
-    verify_parquet,
+    verify_written,
     write_parquet,
 )
 
@@ -220,8 +221,7 @@ def run_one(qastle: str, path: str, tree: str, target: str, nevts: int | None = 
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=PARTIAL_SUFFIX, dir=final.parent)
         os.close(fd)
         part = Path(name)
-        write_parquet(array, part)
-        rows = verify_parquet(part)  # here, in parallel, rather than in the parent after the fact
+        rows = verify_written(part, write_parquet(array, part))  # here, in parallel, not in the parent
         digest = sha256_file(part)
         done = part
         part = None

@@ -79,3 +79,38 @@ def test_an_output_without_the_skim_columns_is_refused_and_not_recorded(tmp_path
             store_output(manifest, p, sample.files[0], ak.Array({"run": [1, 2]}), query_sha256=SHA)
         assert not p.record.outputs
     assert not list((tmp_path / "ttbar__nominal").glob("*.parquet"))
+
+
+def _one_event() -> ak.Array:
+    """One event of the skim's columns and types, no objects."""
+    import numpy as np
+
+    from agc_sx.query import OUTPUT_COLUMNS
+
+    columns = {}
+    for name, typ in OUTPUT_COLUMNS:
+        dtype = typ.removeprefix("var * ")
+        columns[name] = (ak.unflatten(np.zeros(0, dtype=dtype), [0]) if typ.startswith("var")
+                         else ak.Array(np.zeros(1, dtype=dtype)))
+    return ak.zip(columns, depth_limit=1)
+
+
+def test_a_written_file_is_checked_without_reading_it_back(tmp_path: Path) -> None:
+    """verify_written: the array's types, missing values and counters, and the file's footer."""
+    from agc_sx.delivery.common import verify_written, write_parquet
+
+    path = tmp_path / "out.parquet"
+    good = write_parquet(_one_event(), path)
+    assert verify_written(path, good) == 1
+    holed = ak.with_field(good, ak.mask(good.run, [False]), "run")
+    write_parquet(holed, path)
+    with pytest.raises(DeliveryError, match="run"):
+        verify_written(path, holed)
+    bad_counter = ak.with_field(good, ak.values_astype(ak.Array([3]), "uint32"), "nJet")
+    write_parquet(bad_counter, path)
+    with pytest.raises(DeliveryError, match="nJet differs"):
+        verify_written(path, bad_counter)
+    write_parquet(good, path)
+    path.write_bytes(path.read_bytes()[:-20])  # the footer is gone
+    with pytest.raises(DeliveryError, match="unreadable parquet"):
+        verify_written(path, good)
