@@ -1051,7 +1051,10 @@ def _new_events_tree(file: Any, data: dict[str, Any]) -> Any:
         if datum.get("kind") == "counter":
             datum["dtype"] = np.dtype(">u4")
             datum["fTitle"] = datum["fTitle"][:-1] + "i"
+    old = cascading._key.seek_location
     cascading.write_anew(tree._file.sink)
+    if cascading._key.seek_location != old:  # the file keys its trees by location: relocating later needs it
+        tree._file._move_tree(old, cascading._key.seek_location)
     return tree
 
 

@@ -129,6 +129,21 @@ def test_same_seed_same_arrays_other_seed_different(tmp_path: Path) -> None:
         assert np.array_equal(a.event.to_numpy(), c.event.to_numpy())  # numbering is not random
 
 
+
+def test_files_of_many_chunks_are_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More chunks than the TTree's first basket capacity (10): uproot relocates the tree as it grows, which
+    the unsigned-counter header rewrite must survive (a 1.4 M-event file used to fail with a KeyError)."""
+    from agc_sx import generate as gen
+
+    monkeypatch.setattr(gen, "CHUNK_SIZE", 40)
+    (sample,) = generate(tmp_path, events_per_file=40 * 13, samples=["wjets__nominal"])
+    with uproot.open(sample.files[0].path) as f:
+        tree = f["Events"]
+        assert tree.num_entries == 40 * 13 == sample.files[0].nevts
+        assert tree["nJet"].typename == "uint32_t"
+        assert np.array_equal(tree["nJet"].array(library="np"), ak.num(tree["Jet_pt"].array()).to_numpy())
+
+
 def _ang_dist(eta1: ak.Array, phi1: ak.Array, eta2: ak.Array, phi2: ak.Array) -> ak.Array:
     dphi = (phi1 - phi2 + np.pi) % (2 * np.pi) - np.pi
     return np.sqrt((eta1 - eta2) ** 2 + dphi**2)
