@@ -29,7 +29,7 @@ from ._group import fail, main, prefix_options, select_catalog, user_errors, wor
 @click.option("--scheduler", metavar="ADDRESS", default=None,
               help="Connect --executor dask to this Dask scheduler (e.g. tcp://host:8786) instead of a local one.")
 @click.option("--chunksize", type=click.IntRange(min=1), default=None,
-              help="Events per chunk [default: one chunk per parquet file; 250000 for ROOT input]. "
+              help="Events per chunk [default: one chunk per parquet file; 100000 for ROOT input, which keeps a worker within 1 GB]. "
                    "Results do not depend on it.")
 @click.option("--allow-incomplete", is_flag=True,
               help="Process samples whose delivery is incomplete (normalised to the delivered inputs).")
