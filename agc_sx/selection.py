@@ -242,7 +242,7 @@ def selected_jets(jets: Collection, jet_pt: np.ndarray, jet_selected: np.ndarray
 
 
 def skim_mask(jets: Collection, leptons: LeptonSelection) -> np.ndarray:
-    """Per-event mask of the delivery skim (``queries/skim.py``), vectorised for direct NanoAOD processing.
+    """Per-event mask of the delivery skim (``agc_sx/_data/queries/skim.py``), vectorised for direct NanoAOD processing.
 
     Exactly one tight lepton; at least four jets with pT > 25, |eta| < 2.4 and jet ID; at least one of them
     b-tagged. Applying it first makes direct processing see exactly the delivered events: without it the

@@ -39,7 +39,8 @@ def run(backend: str, catalog_path: Path | None, n_files: int | None, samples: s
     """Deliver and process at once: every file is processed as soon as it has landed and been verified.
 
     The result equals `agc-sx deliver` followed by `agc-sx process`. Progress is checkpointed after every file
-    (OUTPUT-DIR/.agc-sx-stream.pkl), so an interrupted run resumes without processing any file twice.
+    (OUTPUT-DIR/.agc-sx-stream.json, plain data tied to this run), so an interrupted run resumes without
+    processing any file twice.
     """
     if backend == "local" and (servicex_config or endpoint or ignore_cache):
         raise click.UsageError("--servicex-config, --endpoint and --ignore-cache are only for --backend servicex")
