@@ -74,7 +74,15 @@ def run_demo(
 ) -> DemoSummary:
     """Run generate -> deliver (local) -> process -> plot -> fit in ``workdir``; return the summary.
 
-    ``plots=False`` skips the plot stage and the fit's plots; ``verbose`` lets the libraries print.
+    Args:
+        workdir: where every stage writes (inputs, delivery, histograms, plots, fit).
+        events: generated events per sample (at least :data:`MIN_EVENTS`).
+        seed: seed of the generator.
+        workers: worker processes of the delivery and the processing.
+        quiet: no progress bars.
+        verbose: let the libraries print (nothing captured into the logs).
+        plots: draw the plot stage and the fit's plots.
+        announce: called with one line per stage.
     """
     from .capture import captured
 

@@ -9,13 +9,12 @@ import click
 
 from ..capture import captured
 from ..catalogue import load_catalog
+from ..ml import DEFAULT_OUTPUT, MODEL_EVEN, MODEL_ODD
 from ..resources import default_models_dir
 from ._group import fail, main, user_errors
 from ._output import echo_captured, verbose_option
 
-#: Where ``train`` writes by default: a folder of its own, never the bundled ``models/`` that ``process`` reads.
-DEFAULT_OUTPUT = Path("trained_models")
-MODEL_FILES = ("model_even.json", "model_odd.json")
+MODEL_FILES = (MODEL_EVEN, MODEL_ODD)
 
 
 @main.command("train")

@@ -24,6 +24,7 @@ from ._models import (
     segment_argmax,
 )
 from ._training import (
+    DEFAULT_OUTPUT,
     HYPERPARAMETERS,
     Events4j2b,
     TrainingError,
@@ -34,6 +35,7 @@ from ._training import (
 )
 
 __all__ = [
+    "DEFAULT_OUTPUT",
     "FEATURES",
     "FEATURE_NAMES",
     "HYPERPARAMETERS",

@@ -61,6 +61,9 @@ HYPERPARAMETERS: Final[dict[str, Any]] = {
 }
 
 #: What training reads of NanoAOD: the processor's columns with the BDT inputs, and the generator truth.
+#: Where ``train`` writes by default: a folder of its own, never the bundled models that ``process`` reads.
+DEFAULT_OUTPUT: Final = Path("trained_models")
+
 _BRANCHES: Final = {
     **{c: collection_fields(c, ml=True) for c in COLLECTIONS},
     "GenPart": ("eta", "phi", "pdgId", "genPartIdxMother"),
@@ -361,15 +364,20 @@ def train(
     catalog_or_files: Catalog | Sequence[str | os.PathLike[str]],
     *,
     events: int | None = None,
-    output: Path = Path("models"),
+    output: Path = DEFAULT_OUTPUT,
     seed: int = 1,
     nthread: int | None = None,
     num_boost_round: int | None = None,
 ) -> TrainingReport:
     """Train ``model_even`` / ``model_odd`` on ttbar events and write them plus ``README.md`` into ``output``.
 
-    ``catalog_or_files``: a catalogue (its ``ttbar__nominal`` files are used) or ROOT NanoAOD files with GenPart.
-    ``events``: read at most this many events in total (default: all).
+    Args:
+        catalog_or_files: a catalogue (its ``ttbar__nominal`` files are used) or NanoAOD files with GenPart.
+        events: read at most this many events in total (default: all).
+        output: the folder for the models (default :data:`DEFAULT_OUTPUT`, never the bundled models).
+        seed: xgboost's seed (its row and column subsampling); the halves are split by event parity.
+        nthread: xgboost threads; default every core.
+        num_boost_round: boosting rounds; default :data:`HYPERPARAMETERS`'s.
     """
     if events is not None and events < 1:
         raise TrainingError(f"--events must be positive, got {events}")
