@@ -666,7 +666,8 @@ def test_real_transformer_output_gives_every_agc_histogram(
     """deliver (ServiceX, parquet as the real uproot transformer writes it) -> process equals local, BDT on."""
     catalog_json, local = generated_delivery
     assert sx.double.behaviour.writer == "transformer"
-    assert run(sx, "--catalog", str(catalog_json)).exit_code == 0
+    result = run(sx, "--catalog", str(catalog_json))
+    assert result.exit_code == 0, result.output
     some = next(sx.out.glob("ttbar__nominal/*.parquet"))
     import pyarrow.parquet as pq
 
