@@ -118,9 +118,11 @@ def _configuration_key(jobs: dict[str, _Job], query_sha: str, ml: bool, models: 
 
 
 def _models_fingerprint(models_dir: Path | None) -> str:
+    from .ml import MODEL_EVEN, MODEL_ODD
+
     directory = resolve_models_dir(models_dir)
     parts = []
-    for name in ("model_even.json", "model_odd.json"):
+    for name in (MODEL_EVEN, MODEL_ODD):
         p = directory / name
         parts.append(sha256_text(p.read_text()) if p.exists() else "missing")
     return sha256_text("".join(parts))

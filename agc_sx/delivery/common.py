@@ -312,7 +312,7 @@ def verify_written(path: Path, array: ak.Array) -> int:
     time): types, missing values and counters on the array in memory, and the file's footer - readable,
     the same physical types, as many rows - for what reached the disk.
     """
-    problems = schema_problems(column_types(array)) or missing_value_problems(array) or counter_problems(array)
+    problems = _skim_problems(column_types(array), array)
     if not problems:
         try:
             types, rows = parquet_column_types(path), pq.ParquetFile(path).metadata.num_rows
@@ -343,13 +343,17 @@ def verify_parquet(path: Path, expected_columns: Sequence[str] | None = OUTPUT_C
     elif tuple(expected_columns) == OUTPUT_COLUMN_NAMES:
         # physical types from the footer: the real transformer's awkward extension types and plain pyarrow's
         # nullable fields are the same columns as ak.to_parquet's
-        problems = schema_problems(parquet_column_types(path)) or missing_value_problems(array)
-        problems = problems or counter_problems(array)
+        problems = _skim_problems(parquet_column_types(path), array)
     elif list(array.fields) != list(expected_columns):
         problems = [f"columns {', '.join(array.fields)}, expected {', '.join(expected_columns)}"]
     if problems:
         raise DeliveryError("; ".join(problems))
     return len(array)
+
+
+def _skim_problems(types: dict[str, str], array: ak.Array) -> list[str]:
+    """What makes a skim result unusable: its column types, missing values, counters (first kind found)."""
+    return schema_problems(types) or missing_value_problems(array) or counter_problems(array)
 
 
 def missing_value_problems(array: ak.Array) -> list[str]:

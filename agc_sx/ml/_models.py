@@ -11,6 +11,7 @@ below :data:`PRUNE_MAX_FRACTION`. ``BDTModels.argmax_path`` says which path a pa
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,7 @@ def best_permutation_features(
     return out
 
 
+@functools.cache
 def _calibration_features() -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Permutation features of :data:`CALIBRATION_EVENTS` seeded synthetic 4-6 jet events (pT-ordered jets,
     falling pT spectrum, uniform angles, b-tag and q/g scores): not physics, a fixed load for the kernel.
