@@ -17,6 +17,7 @@ import importlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -128,18 +129,23 @@ def _check_reader(path: str) -> None:
         raise QueryError(f"{path}: unsupported URL scheme {scheme}:// (use a local path, file://, root:// or https://)")
 
 
+#: dask's configuration is one per process, and ``dask.config.set`` restores on exit what it found on entry:
+#: two threads inside it at once leave one computing with the default (threaded) scheduler. Threads take turns.
+_DASK_CONFIG_LOCK = threading.Lock()
+
+
 def execute(qastle: str, path: str, tree: str = "Events") -> ak.Array:
     """Run ``qastle`` on one input file as the ServiceX uproot transformer would, and return its result.
 
     ``path`` is a local path, ``file://``, ``root://`` (needs fsspec-xrootd) or ``https://`` URL. The dummy
     input name inside the qastle is replaced by ``path``. dask runs synchronously: one file is one partition,
-    and worker processes already provide the parallelism.
+    and worker processes already provide the parallelism (calls from threads of one process run one at a time).
     """
     import dask
 
     _check_reader(path)
     function = compiled(qastle)
-    with dask.config.set(scheduler="sync"):
+    with _DASK_CONFIG_LOCK, dask.config.set(scheduler="sync"):
         result = function(path, tree)
     if not isinstance(result, ak.Array):
         result = ak.Array(result)

@@ -86,6 +86,34 @@ def test_execute_matches_reference_and_accepts_file_urls(small_file: Path, refer
     assert schema_problems(column_types(got)) == []  # uproot-written int32 counters are accepted
 
 
+def test_execute_from_threads_always_runs_synchronously(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads of one process (the ServiceX double's transforms) must not undo each other's ``scheduler="sync"``:
+    the one that leaves first would leave the other computing on dask's threaded pool."""
+    import threading
+    import time
+
+    import dask
+
+    import agc_sx.query as query
+
+    seen: list[object] = []
+
+    def fake_compiled(qastle: str):  # stands for func-adl-uproot's function: it computes at its end
+        def run_query(path: str, tree: str) -> ak.Array:
+            time.sleep(float(path))
+            seen.append(dask.config.get("scheduler", None))
+            return ak.Array([1])
+        return run_query
+
+    monkeypatch.setattr(query, "compiled", fake_compiled)
+    threads = [threading.Thread(target=execute, args=("q", str(0.05 * (i + 1)))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == ["sync"] * 3
+
+
 def test_empty_skim_has_every_column_and_type() -> None:
     empty = empty_skim()
     assert len(empty) == 0

@@ -318,6 +318,11 @@ class ServiceXDouble:
         t.finish_time = dt.datetime.now(dt.timezone.utc).isoformat()
         t.status = "Complete"
 
+    def file_errors(self) -> dict[str, str]:
+        """Why each failed file of every transform failed (what a transformer pod's log would say)."""
+        with self._lock:
+            return {path: why for t in self.transforms.values() for path, why in t.errors.items()}
+
     def status_json(self, t: Transform) -> dict[str, Any]:
         r = t.request
         with self._lock:

@@ -667,7 +667,7 @@ def test_real_transformer_output_gives_every_agc_histogram(
     catalog_json, local = generated_delivery
     assert sx.double.behaviour.writer == "transformer"
     result = run(sx, "--catalog", str(catalog_json))
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.output + f"\nthe double's transform errors: {sx.double.file_errors()}"
     some = next(sx.out.glob("ttbar__nominal/*.parquet"))
     import pyarrow.parquet as pq
 
