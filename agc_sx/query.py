@@ -16,7 +16,6 @@ import functools
 import importlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ import awkward as ak
 from .errors import QueryError
 from .resources import DATA_PACKAGE, queries_dir
 from .schema import SKIM_COLUMNS
-from .utils import atomic_write_text, sha256_text
+from .utils import atomic_write_text, sha256_text, user_cache_dir
 
 #: The columns the skim returns, in order, with their awkward types as read from real 2015 NanoAOD
 #: (:data:`agc_sx.schema.SKIM_COLUMNS`). Counters (``nJet`` ...) are ``uint32`` in CMS files; files written by
@@ -101,8 +100,7 @@ def _query_cache(tree: str) -> Path | None:
         parts = [(queries_dir() / "skim.py").read_text(), Path(constants.__file__).read_text(), tree, *versions]
     except (OSError, PackageNotFoundError):
         return None
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agc-sx" / "qastle"
-    return base / f"{sha256_text(json.dumps(parts))}.txt"
+    return user_cache_dir() / "qastle" / f"{sha256_text(json.dumps(parts))}.txt"
 
 
 @functools.lru_cache(maxsize=8)

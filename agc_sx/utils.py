@@ -76,6 +76,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def user_cache_dir() -> Path:
+    """agc-sx's folder in the user's cache (``$XDG_CACHE_HOME/agc-sx``): things that are slow to rebuild and
+    safe to lose (the skim's qastle text, the BDT calibration), each under a key of everything it depends on.
+    """
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agc-sx"
+
+
 def sha256_text(text: str) -> str:
     """Hex SHA-256 of ``text`` (UTF-8): the fingerprint of queries and configurations."""
     return hashlib.sha256(text.encode()).hexdigest()

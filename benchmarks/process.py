@@ -8,6 +8,14 @@ The baseline is the AGC notebook's processor written the obvious way (NanoEvents
 deterministic ``pt_res_up`` factors so the two can be compared bin by bin. Each implementation runs in a fresh
 process so that peak RSS is its own. The ``agc-sx process`` command itself is also timed as a user runs it, in
 a fresh interpreter with its imports (~1 s of CPU for coffea, awkward, numba, ...) included.
+
+With ``--ml`` the comparison is the one a user sees at real scale: the whole ``agc-sx process`` command at its
+defaults (all cores, the BDT on, the official AGC models when ``../shared/agc/models`` exists) against the
+seed-style coffea processor on all cores (``FuturesExecutor``, as the AGC notebook runs it) that fills the same
+20 BDT-feature histograms, choosing each event's permutation the AGC notebook's way (per-event permutation
+lists, awkward gathers, crossed ``DMatrix`` prediction, ``ak.argmax``; ``benchmarks/ml.py``).
+
+    /work/venv/bin/python benchmarks/process.py --ml [--events 213556]
 """
 
 from __future__ import annotations
@@ -94,17 +102,29 @@ def synthesise(base: Path, n_events: int, n_files: int, seed: int = 1) -> None:
 # baseline: the AGC processor written straightforwardly with NanoEvents
 
 
-def _baseline_processor() -> Any:
+def _baseline_processor(models_dir: Path | None = None) -> Any:
     import awkward as ak
     import hist
+    import xgboost as xgb
     from coffea import processor
+    from ml import agc_style_choice, agc_style_features
 
+    from agc_sx.constants import ML_FEATURES
+    from agc_sx.ml import MODEL_EVEN, MODEL_ODD
     from agc_sx.systematics import jer_factors
+
+    models = None
+    if models_dir is not None:
+        models = tuple(xgb.Booster(model_file=str(models_dir / name)) for name in (MODEL_EVEN, MODEL_ODD))
+        for booster in models:
+            booster.set_param({"nthread": 1})  # one process per core
 
     class Baseline(processor.ProcessorABC):  # type: ignore[misc]
         def process(self, events: Any) -> Any:
             h = (hist.Hist.new.StrCat([], name="key", growth=True)
                  .Reg(25, 50, 550, name="observable").Weight())
+            ml_hists = {name: hist.Hist.new.StrCat([], name="key", growth=True).Reg(bins, lo, hi, name="x").Weight()
+                        for name, bins, lo, hi in ML_FEATURES} if models else {}
             weight = events.metadata["xsec_weight"]
             ele = events.Electron
             mu = events.Muon
@@ -132,15 +152,22 @@ def _baseline_processor() -> Any:
                         p4 = p4[max_btag > 0.5]
                         obs = ak.flatten(p4[ak.argmax(p4.pt, axis=1, keepdims=True)].mass)
                     obs = ak.to_numpy(obs).astype(np.float64)
-                    h.fill(key=f"{region}_ttbar" + ("" if var == "nominal" else f"_{var}"), observable=obs,
-                           weight=weight)
+                    suffix = "" if var == "nominal" else f"_{var}"
+                    h.fill(key=f"{region}_ttbar{suffix}", observable=obs, weight=weight)
+                    if models and region == "4j2b" and len(rj):
+                        lepton = ak.concatenate([ele, mu], axis=1)[mask][:, 0]
+                        features, counts = agc_style_features(rj, lepton)
+                        best = agc_style_choice(features, counts, ak.to_numpy(events.event[mask]), *models)
+                        chosen = features[np.cumsum(counts) - counts + best]
+                        for i, (name, *_) in enumerate(ML_FEATURES):
+                            ml_hists[name].fill(key=f"ttbar{suffix}", x=chosen[:, i], weight=weight)
                     if var == "nominal":
                         for i in range(4):
                             w = 1 + np.array([0.075, -0.075]) * ak.to_numpy(rj.pt[:, i] / 50)[:, None]
                             h.fill(key=f"{region}_ttbar_btag_var_{i}_up", observable=obs, weight=weight * w[:, 0])
                             h.fill(key=f"{region}_ttbar_btag_var_{i}_down", observable=obs,
                                    weight=weight * w[:, 1])
-            return {"hist": h, "events": len(events)}
+            return {"hist": h, "ml": ml_hists, "events": len(events)}
 
         def postprocess(self, accumulator: Any) -> Any:
             return accumulator
@@ -165,7 +192,8 @@ def _run_ours(base: Path, out: Path, io_only: bool, queue: Any) -> None:
                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def _run_baseline(base: Path, queue: Any) -> None:
+def _run_baseline(base: Path, models_dir: Path | None, workers: int, queue: Any) -> None:
+    """The baseline processor, without the BDT in this process, with it on ``workers`` processes."""
     from coffea import processor
 
     from agc_sx.manifest import Manifest
@@ -177,25 +205,28 @@ def _run_baseline(base: Path, queue: Any) -> None:
     fileset = {"ttbar__nominal": {"files": [str(base / o.file) for o in sorted(rec.outputs, key=lambda o: o.file)],
                                   "treename": "events", "metadata": {"xsec_weight": sample_weight(rec)}}}
     t0, c0 = time.perf_counter(), time.process_time()
-    runner = processor.Runner(executor=processor.IterativeExecutor(status=False), schema=AGCSkimSchema,
-                              format="parquet", chunksize=max(o.rows for o in rec.outputs))
-    proc = _baseline_processor()
+    executor = (processor.FuturesExecutor(workers=workers, status=False) if workers > 1
+                else processor.IterativeExecutor(status=False))
+    runner = processor.Runner(executor=executor, schema=AGCSkimSchema, format="parquet",
+                              chunksize=max(o.rows for o in rec.outputs))
+    proc = _baseline_processor(models_dir)
     out = runner(fileset, proc, treename="events")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    h = out["hist"]
     values = {}
-    for key in h.axes[0]:
-        v = h[{"key": key}].values(flow=True)
-        if v[1:-1].sum() != 0:
-            values[key] = v.tolist()
+    for prefix, h in [("", out["hist"]), *((f"{name}_", ml) for name, ml in out["ml"].items())]:
+        for key in h.axes[0]:
+            v = h[{"key": key}].values(flow=True)
+            if v[1:-1].sum() != 0:
+                values[prefix + key] = v.tolist()
     queue.put({"wall": wall, "cpu": cpu, "events": out["events"], "values": values,
                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def _run_cli(base: Path, out: Path) -> dict[str, Any]:
-    """``agc-sx process --no-ml`` in a fresh interpreter, imports included: CPU and peak RSS of that child."""
-    cmd = [sys.executable, "-c", "from agc_sx.cli import main; main()", "process", str(base), "--no-ml", "--quiet",
-           "-o", str(out)]
+def _run_cli(base: Path, out: Path, *options: str) -> dict[str, Any]:
+    """``agc-sx process`` (default ``--no-ml``) in a fresh interpreter, imports included: CPU and peak RSS of
+    that child (with ``--ml``, of the driver only: its workers are processes of their own)."""
+    cmd = [sys.executable, "-c", "from agc_sx.cli import main; main()", "process", str(base), "--quiet",
+           "-o", str(out), *(options or ("--no-ml",))]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -218,12 +249,45 @@ def _in_subprocess(target: Any, *args: Any) -> dict[str, Any]:
     return result
 
 
+def compare_with_ml(base: Path, work: Path) -> None:
+    """``agc-sx process`` at its defaults with the BDT against the seed-style processor, both on all cores."""
+    import uproot
+
+    from agc_sx.constants import ML_FEATURES
+    from agc_sx.resources import default_models_dir
+
+    official = Path(__file__).resolve().parents[2] / "shared" / "agc" / "models"
+    models = official if (official / "model_even.json").is_file() else default_models_dir()
+    cores = os.cpu_count() or 1
+    print(f"BDT models: {models}; {cores} cores")
+    _run_cli(base, work / "warm-ml" / "histograms.root", "--models", str(models))  # numba's on-disk cache
+    ours = _run_cli(base, work / "ml" / "histograms.root", "--models", str(models))
+    metrics = json.loads((work / "ml" / "metrics.json").read_text())
+    baseline = _in_subprocess(_run_baseline, base, models, cores)
+    print(f"\n{'implementation (BDT on, ' + str(cores) + ' cores)':52s} {'events':>10s} {'wall s':>8s} "
+          f"{'events/s':>10s}")
+    for name, r in ((f"agc-sx process, defaults (argmax: {metrics.get('bdt_argmax')})", ours),
+                    ("seed-style coffea, FuturesExecutor, AGC-style BDT", baseline)):
+        print(f"{name:52s} {r['events']:>10,d} {r['wall']:8.2f} {r['events'] / r['wall']:>10,.0f}")
+    print(f"agc-sx process / seed-style: {baseline['wall'] / ours['wall']:.2f}x faster (wall, whole command)")
+    with uproot.open(work / "ml" / "histograms_ml.root") as f:
+        mine = {k.split(";")[0]: f[k].values(flow=True) for k in f.keys(cycle=True)}
+    features = {name for name, *_ in ML_FEATURES}
+    theirs = {k: np.asarray(v) for k, v in baseline["values"].items() if k.split("_ttbar")[0] in features}
+    common = sorted(set(mine) & set(theirs))
+    equal = sum(int(np.sum(np.isclose(mine[k], theirs[k], rtol=1e-9, atol=0))) for k in common)
+    total = sum(len(theirs[k]) for k in common)
+    print(f"BDT-feature histograms: {len(common)} compared; bins equal to 1e-9: {equal}/{total}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_200_000, help="skimmed events to synthesise")
     parser.add_argument("--files", type=int, default=4, help="parquet files (one chunk each)")
     parser.add_argument("--workdir", type=Path, default=None, help="reuse/keep the inputs here")
     parser.add_argument("--skip-baseline", action="store_true", help="only time agc-sx process")
+    parser.add_argument("--ml", action="store_true", help="the whole command with the BDT, all cores, vs the "
+                        "seed-style processor with the AGC notebook's BDT step")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="agcsx-bench-"))
     base = work / "delivery"
@@ -231,6 +295,9 @@ def main() -> None:
         t0 = time.perf_counter()
         synthesise(base, args.events, args.files)
         print(f"synthesised {args.events:,} skimmed events in {time.perf_counter() - t0:.1f} s -> {base}")
+    if args.ml:
+        compare_with_ml(base, work)
+        return
     # fill the numba on-disk cache so compilation is not timed
     _in_subprocess(_run_ours, base, work / "warm" / "histograms.root", False)
     ours = _in_subprocess(_run_ours, base, work / "ours" / "histograms.root", False)
@@ -239,7 +306,7 @@ def main() -> None:
     rows = [("agc-sx process (iterative, 1 core)", ours), ("agc-sx process --io-only (I/O ceiling)", io_only),
             ("agc-sx process command, with imports", cli)]
     if not args.skip_baseline:
-        rows.append(("coffea NanoEvents baseline", _in_subprocess(_run_baseline, base)))
+        rows.append(("coffea NanoEvents baseline", _in_subprocess(_run_baseline, base, None, 1)))
     print(f"\n{'implementation':40s} {'events':>10s} {'wall s':>8s} {'cpu s':>8s} {'events/s/core':>14s} "
           f"{'peak RSS MB':>12s}")
     for name, r in rows:

@@ -11,7 +11,9 @@ below :data:`PRUNE_MAX_FRACTION`. ``BDTModels.argmax_path`` says which path a pa
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,8 @@ import xgboost as xgb
 from numpy.typing import NDArray
 
 from ..errors import ModelError
-from ..utils import first_line
+from ..utils import atomic_write_text, first_line, sha256_file, sha256_text, user_cache_dir
+from . import _features
 from ._argmax import Trees, parse_booster, pruned_argmax
 from ._features import N_FEATURES, FlatEvents
 
@@ -58,6 +61,7 @@ class BDTModels:
     _nthread: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
     _trees: dict[int, Trees | str] = field(default_factory=dict, repr=False, compare=False)
     _fraction: dict[int, float] = field(default_factory=dict, repr=False, compare=False)
+    _digest: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.argmax not in ARGMAX_MODES:
@@ -67,7 +71,7 @@ class BDTModels:
     def load(cls, directory: Path, argmax: str = "auto") -> BDTModels:
         """Read ``directory/model_even.json`` and ``directory/model_odd.json`` (XGBoost JSON)."""
         directory = Path(directory)
-        boosters = []
+        boosters, digests = [], []
         for name in (MODEL_EVEN, MODEL_ODD):
             path = directory / name
             if not path.is_file():
@@ -79,7 +83,9 @@ class BDTModels:
             if booster.num_features() != N_FEATURES:
                 raise ModelError(f"BDT model {path} takes {booster.num_features()} features, not {N_FEATURES}")
             boosters.append(booster)
+            digests.append(sha256_file(path))
         models = cls(boosters[0], boosters[1], str(directory), argmax)
+        models._digest = {id(b): d for b, d in zip(boosters, digests, strict=True)}
         with _PATHS_LOCK:
             _PATHS[models.source] = models.argmax_path
         return models
@@ -87,10 +93,14 @@ class BDTModels:
     def __getstate__(self) -> dict[str, Any]:
         # Boosters pickle through xgboost's own raw format; locks do not pickle at all, and the parsed trees
         # are rebuilt where they are used.
-        return {"even": self.even, "odd": self.odd, "source": self.source, "argmax": self.argmax}
+        return {"even": self.even, "odd": self.odd, "source": self.source, "argmax": self.argmax,
+                "digests": [self._digest.get(id(self.even)), self._digest.get(id(self.odd))]}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["even"], state["odd"], state["source"], state.get("argmax", "auto"))  # type: ignore[misc]
+        for booster, digest in zip((self.even, self.odd), state.get("digests") or (None, None), strict=True):
+            if digest:
+                self._digest[id(booster)] = digest
 
     def trees_for(self, booster: xgb.Booster) -> Trees | str:
         """The parsed trees of ``booster`` for the pruned argmax, or why it must be evaluated in full."""
@@ -110,17 +120,39 @@ class BDTModels:
         trees = self.trees_for(booster)
         if isinstance(trees, str) or self.argmax == "pruned":
             return trees
-        key = id(booster)
-        with self._lock:
-            fraction = self._fraction.get(key)
+        fraction = self._known_fraction(booster)
         if fraction is None:  # outside the lock: the calibration predicts, which takes it
             fraction = _pruned_fraction(self, booster, trees)
             with self._lock:
+                self._fraction[id(booster)] = fraction
+            digest = self._digest.get(id(booster))
+            if digest is not None:
+                _store_fraction(digest, fraction)
+        return _too_costly(fraction) or trees
+
+    def _known_fraction(self, booster: xgb.Booster) -> float | None:
+        """The calibration of ``booster`` measured in this process or, for a model file, in an earlier one."""
+        key = id(booster)
+        with self._lock:
+            if key in self._fraction:
+                return self._fraction[key]
+        digest = self._digest.get(key)
+        fraction = _stored_fraction(digest) if digest is not None else None
+        if fraction is not None:
+            with self._lock:
                 self._fraction[key] = fraction
-        if fraction > PRUNE_MAX_FRACTION:
-            return (f"pruning would walk {fraction:.0%} of the (permutation, tree) pairs, more than "
-                    f"{PRUNE_MAX_FRACTION:.0%}: full evaluation is faster")
-        return trees
+        return fraction
+
+    def _full_reason(self, booster: xgb.Booster) -> str | None:
+        """Why ``booster`` is evaluated in full, or None when it is pruned; without parsing it where a stored
+        calibration decides (the driver only reports the path: parsing and calibrating cost ~1 s).
+        """
+        if self.argmax == "auto":
+            fraction = self._known_fraction(booster)
+            if fraction is not None:  # only models whose trees parsed were ever calibrated
+                return _too_costly(fraction)
+        trees = self.path_for(booster)
+        return trees if isinstance(trees, str) else None
 
     @property
     def argmax_path(self) -> str:
@@ -129,9 +161,9 @@ class BDTModels:
             return "full (requested)"
         reasons = []
         for name, booster in ((MODEL_EVEN, self.even), (MODEL_ODD, self.odd)):
-            trees = self.path_for(booster)
-            if isinstance(trees, str):
-                reasons.append(f"{name}: {trees}")
+            reason = self._full_reason(booster)
+            if reason is not None:
+                reasons.append(f"{name}: {reason}")
         return f"full ({'; '.join(reasons)})" if reasons else PRUNED
 
     def choose(self, booster: xgb.Booster, features: NDArray[Any], counts: NDArray[np.int64],
@@ -241,6 +273,44 @@ def _pruned_fraction(models: BDTModels, booster: xgb.Booster, trees: Trees) -> f
     features, counts = _calibration_features()
     result = pruned_argmax(trees, features, counts, lambda rows: models.predict(booster, features[rows]))
     return result.tree_evaluations / (len(features) * max(booster.num_boosted_rounds(), 1))
+
+
+def _too_costly(fraction: float) -> str | None:
+    if fraction > PRUNE_MAX_FRACTION:
+        return (f"pruning would walk {fraction:.0%} of the (permutation, tree) pairs, more than "
+                f"{PRUNE_MAX_FRACTION:.0%}: full evaluation is faster")
+    return None
+
+
+@functools.cache
+def _calibration_key() -> str:
+    """Everything a model's calibration depends on besides the model file: the kernel, this module, xgboost."""
+    from . import _argmax
+
+    sources = [sha256_file(Path(file)) for file in (_argmax.__file__, _features.__file__, __file__)]
+    return sha256_text(json.dumps([*sources, xgb.__version__, CALIBRATION_EVENTS]))
+
+
+def _calibration_file(digest: str) -> Path:
+    return user_cache_dir() / "bdt" / f"{sha256_text(digest + _calibration_key())}.json"
+
+
+def _stored_fraction(digest: str) -> float | None:
+    """The fraction stored for the model file with ``digest`` by an earlier process, if any (a lost or
+    damaged file only costs the calibration again).
+    """
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        fraction = json.loads(_calibration_file(digest).read_text())["pruned_fraction"]
+        if isinstance(fraction, float) and fraction >= 0.0:
+            return fraction
+    return None
+
+
+def _store_fraction(digest: str, fraction: float) -> None:
+    with contextlib.suppress(OSError):
+        target = _calibration_file(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, json.dumps({"pruned_fraction": fraction}))
 
 
 def bdt_argmax_summary() -> str | None:

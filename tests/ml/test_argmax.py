@@ -291,3 +291,33 @@ def test_auto_prunes_only_where_it_pays(official: BDTModels, own: BDTModels) -> 
     assert path.startswith("full (") and "pruning would walk" in path and "full evaluation is faster" in path
     assert BDTModels(own.even, own.odd).argmax_path == path
     assert _models._pruned_fraction(official, official.even, official.trees_for(official.even)) < 0.25
+
+
+def test_calibration_is_stored_per_model_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A later process (the driver of the next run, a worker) reports the path from the stored calibration
+    without parsing or calibrating; a damaged store costs only the calibration again."""
+    import pickle
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = BDTModels.load(default_models_dir()).argmax_path
+    stored = sorted((tmp_path / "agc-sx" / "bdt").glob("*.json"))
+    assert len(stored) == 2  # one per model file
+
+    def never(*args: object) -> None:
+        raise AssertionError("parsed or calibrated although the calibration is stored")
+
+    with monkeypatch.context() as m:
+        m.setattr(_models, "parse_booster", never)
+        m.setattr(_models, "_pruned_fraction", never)
+        again = BDTModels.load(default_models_dir())
+        assert again.argmax_path == path
+        worker = pickle.loads(pickle.dumps(again))
+        assert worker.argmax_path == path
+
+    for file in stored:
+        file.write_text("{damaged")
+    calls = []
+    original = _models._pruned_fraction
+    monkeypatch.setattr(_models, "_pruned_fraction", lambda *a: calls.append(1) or original(*a))
+    assert BDTModels.load(default_models_dir()).argmax_path == path
+    assert len(calls) == 2 and all(json.loads(f.read_text())["pruned_fraction"] > 0 for f in stored)
