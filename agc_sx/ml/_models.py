@@ -3,10 +3,11 @@
 The choice is exact branch and bound over the trees (:mod:`._argmax`) for models it can reproduce and where it
 pays, else the full evaluation through ``inplace_predict``; both give the same row (the first of the largest
 float32 probabilities). Whether pruning pays is a property of the model: with a few dominant trees (the
-official AGC pair) it skips ~93 % of the (permutation, tree) walks and is ~3x faster; with many evenly weighted
-shallow trees (our own pair) its bounds stay loose, it walks ~70 % and is slower than xgboost. ``"auto"``
-measures that fraction once per model on a fixed synthetic event set (:func:`_pruned_fraction`) and prunes
-below :data:`PRUNE_MAX_FRACTION`. ``BDTModels.argmax_path`` says which path a pair of models takes and why.
+official AGC pair: 251 trees, 192 of them single leaves) it needs ~6 % of xgboost's (permutation, tree) walks
+(14 of the 59 trees that split) and is ~2.8x faster; with many evenly weighted shallow trees (our own pair) its
+bounds stay loose, it walks ~70 % and is slower than xgboost. ``"auto"`` measures that fraction once per model
+file on a fixed synthetic event set (:func:`_pruned_fraction`; kept in the user's cache) and prunes below
+:data:`PRUNE_MAX_FRACTION`. ``BDTModels.argmax_path`` says which path a pair of models takes and why.
 """
 
 from __future__ import annotations
