@@ -139,18 +139,10 @@ def _fill_features(  # pragma: no cover - compiled
             b = s + table[t0 + p, 1]
             h = s + table[t0 + p, 2]
             lb = s + table[t0 + p, 3]
-            de = leta[i] - eta[lb]
-            dp = lphi[i] - phi[lb]
-            out[r, 0] = np.sqrt(de * de + dp * dp)
-            de = eta[a] - eta[b]
-            dp = phi[a] - phi[b]
-            out[r, 1] = np.sqrt(de * de + dp * dp)
-            de = eta[a] - eta[h]
-            dp = phi[a] - phi[h]
-            out[r, 2] = np.sqrt(de * de + dp * dp)
-            de = eta[b] - eta[h]
-            dp = phi[b] - phi[h]
-            out[r, 3] = np.sqrt(de * de + dp * dp)
+            out[r, 0] = _delta_r(leta[i] - eta[lb], lphi[i] - phi[lb])
+            out[r, 1] = _delta_r(eta[a] - eta[b], phi[a] - phi[b])
+            out[r, 2] = _delta_r(eta[a] - eta[h], phi[a] - phi[h])
+            out[r, 3] = _delta_r(eta[b] - eta[h], phi[b] - phi[h])
             out[r, 4] = _mass(lpx[i] + px[lb], lpy[i] + py[lb], lpz[i] + pz[lb], le[i] + e[lb])
             wx = px[a] + px[b]
             wy = py[a] + py[b]
@@ -173,6 +165,12 @@ def _fill_features(  # pragma: no cover - compiled
             out[r, 17] = qgl[b]
             out[r, 18] = qgl[h]
             out[r, 19] = qgl[lb]
+
+
+@numba.njit(cache=True, inline="always")
+def _delta_r(d_eta: float, d_phi: float) -> float:
+    # in the precision of the columns (float32), Δφ not wrapped: as the models were trained
+    return np.sqrt(d_eta * d_eta + d_phi * d_phi)
 
 
 @numba.njit(cache=True, inline="always")
