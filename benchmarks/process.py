@@ -223,8 +223,8 @@ def _run_baseline(base: Path, models_dir: Path | None, workers: int, queue: Any)
 
 
 def _run_cli(base: Path, out: Path, *options: str) -> dict[str, Any]:
-    """``agc-sx process`` (default ``--no-ml``) in a fresh interpreter, imports included: CPU and peak RSS of
-    that child (with ``--ml``, of the driver only: its workers are processes of their own)."""
+    """``agc-sx process`` (default ``--no-ml``) in a fresh interpreter, imports included: wall, CPU (with the
+    worker processes it waited for) and peak RSS of that child."""
     cmd = [sys.executable, "-c", "from agc_sx.cli import main; main()", "process", str(base), "--quiet",
            "-o", str(out), *(options or ("--no-ml",))]
     t0 = time.perf_counter()
@@ -252,12 +252,13 @@ def _in_subprocess(target: Any, *args: Any) -> dict[str, Any]:
 def compare_with_ml(base: Path, work: Path) -> None:
     """``agc-sx process`` at its defaults with the BDT against the seed-style processor, both on all cores."""
     import uproot
+    from ml import OFFICIAL
 
     from agc_sx.constants import ML_FEATURES
+    from agc_sx.ml import MODEL_EVEN
     from agc_sx.resources import default_models_dir
 
-    official = Path(__file__).resolve().parents[2] / "shared" / "agc" / "models"
-    models = official if (official / "model_even.json").is_file() else default_models_dir()
+    models = OFFICIAL if (OFFICIAL / MODEL_EVEN).is_file() else default_models_dir()
     cores = os.cpu_count() or 1
     print(f"BDT models: {models}; {cores} cores")
     _run_cli(base, work / "warm-ml" / "histograms.root", "--models", str(models))  # numba's on-disk cache
